@@ -1,0 +1,221 @@
+"""Weight sharing over a whole parameter pytree (flax.linen params, nnx state, ...).
+
+``quantize`` clusters the leaves chosen by the rules and returns the same
+pytree in which each such leaf is a :class:`ClusteredArray` (codebook + integer
+indices); every other leaf is untouched. ``dequantize`` gives the params back.
+All scalar groups of a model go through one compiled call.
+
+Granularities:
+  * ``"layer"``: one codebook per parameter (Deep Compression).
+  * ``"channel"``: one codebook per output channel (last axis), as SqueezeLLM
+    and tfmot's per-channel clustering.
+  * ``"model"``: one codebook shared by every selected parameter (Choi et al.);
+    it has the largest number of clusters among the matching rules.
+  * ``"combined"``: a global budget of centroids (default: the sum of the
+    rules' numbers) split across layers in proportion to their sizes.
+  * ``"vector"``: Deep k-Means style; the spatial filters of a conv kernel
+    (HWIO -> vectors of H*W) are clustered as vectors with per-coordinate
+    importance.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gkq_jax import rules as rules_lib
+from gkq_jax.kmeans1d import grouped_kmeans_1d
+from gkq_jax.kmeans_vectors import kmeans_vectors
+
+GRANULARITIES = ("layer", "channel", "model", "combined", "vector")
+
+
+@flax.struct.dataclass
+class ClusteredArray:
+  """A weight-shared array.
+
+  Scalar layouts: ``codebook`` is (C, k), C = 1 or the number of output
+  channels (last axis), and ``indices`` has the original shape.
+  Vector layout (``vector_shape`` set): ``codebook`` is (k, prod(vector_shape)),
+  ``indices`` has the non-vector axes, and the vector axes lead the original.
+  """
+
+  codebook: jax.Array
+  indices: jax.Array
+  vector_shape: tuple = flax.struct.field(pytree_node=False, default=None)
+
+  @property
+  def shape(self):
+    if self.vector_shape is None:
+      return self.indices.shape
+    return tuple(self.vector_shape) + tuple(self.indices.shape)
+
+  @property
+  def num_clusters(self) -> int:
+    return self.codebook.shape[0] if self.vector_shape else self.codebook.shape[-1]
+
+  def dequantize(self) -> jax.Array:
+    idx = self.indices.astype(jnp.int32)
+    if self.vector_shape is not None:
+      vectors = self.codebook[idx]  # (*rest, d)
+      return jnp.moveaxis(vectors, -1, 0).reshape(self.shape)
+    C, k = self.codebook.shape
+    if C == 1:
+      return self.codebook[0][idx]
+    return self.codebook.reshape(-1)[idx + jnp.arange(C, dtype=jnp.int32) * k]
+
+
+def _is_clustered(x) -> bool:
+  return isinstance(x, ClusteredArray)
+
+
+def index_dtype(num_clusters: int):
+  return jnp.uint8 if num_clusters <= 256 else jnp.uint16
+
+
+def dequantize(tree: Any) -> Any:
+  """Replaces every :class:`ClusteredArray` by its dense array."""
+  return jax.tree.map(lambda x: x.dequantize() if _is_clustered(x) else x, tree,
+                      is_leaf=_is_clustered)
+
+
+def _combined_budget(sizes: Sequence[int], ks: Sequence[int], budget: int | None):
+  total = budget if budget is not None else int(sum(ks))
+  n = np.asarray(sizes, np.float64)
+  k = np.maximum(2, np.round(total * n / n.sum())).astype(np.int64)
+  return np.minimum(k, rules_lib.MAX_CLUSTERS).tolist()
+
+
+def quantize(params: Any, importance: Any = None,
+             rules: Sequence[rules_lib.ClusterRule] = rules_lib.DEFAULT_RULES, *,
+             granularity: str = "layer", budget: int | None = None, key=None,
+             **cluster_options) -> Any:
+  """Clusters the selected leaves of ``params``.
+
+  Args:
+    params: any pytree of arrays.
+    importance: a pytree of the same structure (e.g. from
+      :func:`gkq_jax.compute_importance`) or None for plain k-means.
+    rules: :class:`ClusterRule` s; the first whose pattern matches a leaf's
+      path decides its number of clusters.
+    granularity: see the module docstring.
+    budget: total centroids for ``granularity="combined"``.
+    key: PRNG key for random initialisations.
+    **cluster_options: passed to :func:`gkq_jax.grouped_kmeans_1d` (method,
+      init, objective, max_iter, tol, bins, ...) or, for "vector", to
+      :func:`gkq_jax.kmeans_vectors` (init, max_iter, tol).
+
+  Returns:
+    ``params`` with each selected leaf replaced by a :class:`ClusteredArray`.
+  """
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}.")
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [rules_lib.path_string(p) for p, _ in flat]
+  leaves = [leaf for _, leaf in flat]
+  rules_lib.check_all_used(rules, paths)
+  if importance is None:
+    imps = [None] * len(leaves)
+  else:
+    imp_flat, imp_def = jax.tree_util.tree_flatten(importance)
+    if imp_def != treedef:
+      raise ValueError("importance must have the same tree structure as params "
+                       f"({treedef.num_leaves} leaves vs {imp_def.num_leaves}).")
+    imps = imp_flat
+    for path, leaf, imp in zip(paths, leaves, imps):
+      if jnp.shape(imp) != jnp.shape(leaf):
+        raise ValueError(f"importance of {path} has shape {jnp.shape(imp)}, "
+                         f"the parameter {jnp.shape(leaf)}.")
+  ks = [rules_lib.match(rules, p, leaf) for p, leaf in zip(paths, leaves)]
+  chosen = [i for i, k in enumerate(ks) if k > 0]
+  if not chosen:
+    raise ValueError("no parameter is selected for clustering: check the rules' "
+                     f"patterns and min_ndim against paths such as {paths[:4]}.")
+  key = jax.random.PRNGKey(0) if key is None else key
+  out = list(leaves)
+  if granularity == "vector":
+    for n, i in enumerate(chosen):
+      out[i] = _cluster_vectors(paths[i], leaves[i], imps[i], ks[i],
+                                jax.random.fold_in(key, n), cluster_options)
+  else:
+    for i, clustered in zip(chosen, _cluster_scalars(
+        [leaves[i] for i in chosen], [imps[i] for i in chosen], [ks[i] for i in chosen],
+        granularity, budget, key, cluster_options)):
+      out[i] = clustered
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _cluster_scalars(leaves, imps, ks, granularity, budget, key, options):
+  arrays = [jnp.asarray(x, jnp.float32) for x in leaves]
+  if granularity == "channel":
+    values = [jnp.moveaxis(a, -1, 0).reshape(-1) for a in arrays]
+    weights = [None if h is None else jnp.moveaxis(jnp.asarray(h), -1, 0).reshape(-1)
+               for h in imps]
+    sizes = [[a.size // a.shape[-1]] * a.shape[-1] for a in arrays]
+    group_k = [[k] * a.shape[-1] for a, k in zip(arrays, ks)]
+  else:
+    values = [a.reshape(-1) for a in arrays]
+    weights = [None if h is None else jnp.asarray(h).reshape(-1) for h in imps]
+    sizes = [[a.size] for a in arrays]
+    if granularity == "combined":
+      group_k = [[k] for k in _combined_budget([a.size for a in arrays], ks, budget)]
+    else:
+      group_k = [[k] for k in ks]
+  x = jnp.concatenate(values)
+  h = None if all(w is None for w in weights) else jnp.concatenate(
+      [jnp.ones_like(v) if w is None else w.astype(jnp.float32)
+       for v, w in zip(values, weights)])
+  flat_sizes = [s for per_leaf in sizes for s in per_leaf]
+  flat_k = [k for per_leaf in group_k for k in per_leaf]
+  if granularity == "model":
+    flat_sizes, flat_k = [x.shape[0]], [max(ks)]
+  result = grouped_kmeans_1d(x, h, flat_sizes, flat_k, key=key, **options)
+  centroids, assignments = result.centroids, result.assignments
+
+  out, offset, group = [], 0, 0
+  for a, leaf_sizes, leaf_k in zip(arrays, sizes, group_k):
+    idx = assignments[offset:offset + a.size]
+    k = max(leaf_k) if granularity != "model" else flat_k[0]
+    if granularity == "model":
+      codebook = centroids[0:1, :k]
+    else:
+      codebook = centroids[group:group + len(leaf_sizes), :k]
+      group += len(leaf_sizes)
+    if granularity == "channel":
+      idx = jnp.moveaxis(idx.reshape((a.shape[-1],) + a.shape[:-1]), 0, -1)
+    else:
+      idx = idx.reshape(a.shape)
+    out.append(ClusteredArray(codebook, idx.astype(index_dtype(k))))
+    offset += a.size
+  return out
+
+
+def _cluster_vectors(path, leaf, imp, k, key, options):
+  a = jnp.asarray(leaf, jnp.float32)
+  if a.ndim < 3:
+    raise ValueError(f"granularity='vector' clusters the spatial filters of conv kernels "
+                     f"(ndim >= 3); {path} has shape {a.shape}. Narrow the rule's "
+                     "pattern or raise its min_ndim to 3.")
+  vector_shape = a.shape[:-2]
+  d = int(np.prod(vector_shape))
+  points = jnp.moveaxis(a.reshape((d,) + a.shape[-2:]), 0, -1).reshape(-1, d)
+  weights = None
+  if imp is not None:
+    weights = jnp.moveaxis(jnp.asarray(imp, jnp.float32).reshape((d,) + a.shape[-2:]),
+                           0, -1).reshape(-1, d)
+  allowed = {n: options[n] for n in ("init", "max_iter", "tol") if n in options}
+  if allowed.get("init") not in (None, "kmeans++", "forgy"):
+    allowed.pop("init")
+  result = kmeans_vectors(points, weights, k, key=key, **allowed)
+  idx = result.assignments.reshape(a.shape[-2:]).astype(index_dtype(k))
+  return ClusteredArray(result.centroids, idx, tuple(vector_shape))
+
+
+def clustered_leaves(tree: Any) -> list[tuple[str, ClusteredArray]]:
+  """(path, ClusteredArray) for every clustered leaf, in tree order."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_clustered)
+  return [(rules_lib.path_string(p), leaf) for p, leaf in flat if _is_clustered(leaf)]

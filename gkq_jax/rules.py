@@ -1,0 +1,78 @@
+"""Which parameters are clustered, and into how many shared values.
+
+A rule is a regular expression searched in a parameter's path, written with
+'/' between keys (``params/Conv_0/kernel`` for linen, ``conv1/kernel`` for an
+``nnx.split`` state). The first matching rule decides; ``num_clusters=0``
+keeps matched parameters as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import jax
+
+MAX_CLUSTERS = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterRule:
+  pattern: str = r"(^|/)kernel$"
+  num_clusters: int = 16
+  min_ndim: int = 2  # biases and norm scales (ndim 1) stay exact by default
+
+  def __post_init__(self):
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"rule pattern {self.pattern!r} is not a valid regex: {e}") from e
+    if not 0 <= self.num_clusters <= MAX_CLUSTERS:
+      raise ValueError(f"rule {self.pattern!r}: num_clusters must be in 1..{MAX_CLUSTERS} "
+                       f"(or 0 to skip), got {self.num_clusters}.")
+
+
+DEFAULT_RULES = (ClusterRule(),)
+
+
+def bits_rule(pattern: str, bits: int, min_ndim: int = 2) -> ClusterRule:
+  """A rule with 2**bits clusters; bits must be in 1..16."""
+  if not 1 <= bits <= 16:
+    raise ValueError(f"bits must be in 1..16, got {bits}.")
+  return ClusterRule(pattern, 2 ** bits, min_ndim)
+
+
+def path_string(path) -> str:
+  """'/'-joined keys of a pytree path; nnx's trailing '.value' is dropped."""
+  names = []
+  for key in path:
+    if isinstance(key, jax.tree_util.DictKey):
+      names.append(str(key.key))
+    elif isinstance(key, jax.tree_util.GetAttrKey):
+      names.append(key.name)
+    elif isinstance(key, jax.tree_util.SequenceKey):
+      names.append(str(key.idx))
+    else:
+      names.append(str(getattr(key, "key", key)))
+  if names and names[-1] == "value":
+    names.pop()
+  return "/".join(names)
+
+
+def match(rules: Sequence[ClusterRule], path: str, leaf) -> int:
+  """Number of clusters for this leaf (0: leave it alone)."""
+  for rule in rules:
+    if re.search(rule.pattern, path):
+      ndim = getattr(leaf, "ndim", 0)
+      return rule.num_clusters if ndim >= rule.min_ndim else 0
+  return 0
+
+
+def check_all_used(rules: Sequence[ClusterRule], paths: Sequence[str]) -> None:
+  """A rule that matches nothing is almost always a typo: say so."""
+  for rule in rules:
+    if not any(re.search(rule.pattern, p) for p in paths):
+      sample = ", ".join(paths[:6])
+      raise ValueError(f"rule {rule.pattern!r} matches no parameter. Paths look like: "
+                       f"{sample}{', ...' if len(paths) > 6 else ''}")
