@@ -33,7 +33,7 @@ import numpy as np
 from gkq_jax import exact1d
 
 METHODS = ("hist", "lloyd", "exact")
-INITS = ("density", "linear", "forgy", "kmeans++")
+INITS = ("dp", "companding", "density", "linear", "forgy", "kmeans++")
 OBJECTIVES = ("l2", "l1")
 
 _MAX_BINS = 65536
@@ -142,11 +142,44 @@ def _init_linear(frame, k_active, K):
 
 
 def _init_density(hist, k_active, K):
+  """Weighted quantiles at (k + 0.5) / k_g, interpolated inside their bin."""
   total = hist.cum_weight[:, -1:]
-  q = (jnp.arange(K)[None, :] + 0.5) / k_active[:, None]
-  idx = jax.vmap(jnp.searchsorted)(hist.cum_weight[:, 1:], q * total)
-  idx = jnp.clip(idx, 0, hist.weight.shape[1] - 1)
-  return jnp.take_along_axis(_bin_means(hist), idx, axis=1)
+  target = (jnp.arange(K)[None, :] + 0.5) / k_active[:, None] * total
+  B = hist.weight.shape[1]
+  idx = jnp.clip(jax.vmap(jnp.searchsorted)(hist.cum_weight[:, 1:], target), 0, B - 1)
+  below = jnp.take_along_axis(hist.cum_weight, idx, axis=1)
+  mass = jnp.take_along_axis(hist.weight, idx, axis=1)
+  frac = jnp.clip((target - below) / jnp.where(mass > 0, mass, 1.0), 0.0, 1.0)
+  width = hist.bin_centers[:, 1:2] - hist.bin_centers[:, 0:1]
+  left = jnp.take_along_axis(hist.bin_centers, idx, axis=1) - width / 2
+  return left + frac * width
+
+
+_COMPANDING_BINS = 1024
+
+
+def _init_companding(hist, k_active, K, objective):
+  """Quantiles of density^(1/3) (l2) or density^(1/2) (l1).
+
+  For many clusters the optimal quantizer places centroids with a point
+  density proportional to p^(1/3) (Panter & Dite; Gersho), so this start is
+  already close to optimal where plain weighted quantiles crowd the centroids
+  into the bulk and Lloyd needs thousands of steps to spread them out. A
+  coarse histogram keeps the power law from amplifying sampling noise.
+  """
+  G, B = hist.weight.shape
+  M = min(B, _COMPANDING_BINS)
+  w = hist.weight.reshape(G, M, B // M).sum(-1)
+  dens = w ** (1 / 3 if objective == "l2" else 1 / 2)
+  cum = jnp.concatenate([jnp.zeros((G, 1)), jnp.cumsum(dens, 1)], 1)
+  target = (jnp.arange(K)[None, :] + 0.5) / k_active[:, None] * cum[:, -1:]
+  idx = jnp.clip(jax.vmap(jnp.searchsorted)(cum[:, 1:], target), 0, M - 1)
+  below = jnp.take_along_axis(cum, idx, axis=1)
+  mass = jnp.take_along_axis(dens, idx, axis=1)
+  frac = jnp.clip((target - below) / jnp.where(mass > 0, mass, 1.0), 0.0, 1.0)
+  width = (hist.bin_centers[:, -1:] - hist.bin_centers[:, :1]) * B / (B - 1) / M
+  left = hist.bin_centers[:, :1] - width * (M / B) / 2 + idx * width
+  return left + frac * width
 
 
 def _init_forgy(key, xc, starts, sizes, K):
@@ -157,36 +190,98 @@ def _init_forgy(key, xc, starts, sizes, K):
 
 
 def _init_kmeanspp(key, hist, k_active, K):
-  """Importance-weighted k-means++ (D^2 sampling) on a coarse histogram."""
+  """Greedy importance-weighted k-means++ on a coarse histogram.
+
+  Each step draws 2 + log(K) candidates by D^2 sampling and keeps the one that
+  lowers the potential most (as scikit-learn does); the sampling reaches the
+  sparse tails that quantile-based starts leave to a single centroid.
+  """
   G, B = hist.weight.shape
   coarse = min(B, _KMEANSPP_BINS)
   w = hist.weight.reshape(G, coarse, B // coarse).sum(-1)
   m = hist.moment.reshape(G, coarse, B // coarse).sum(-1)
   pts = jnp.where(w > 0, m / jnp.where(w > 0, w, 1.0),
                   hist.bin_centers.reshape(G, coarse, -1).mean(-1))
-  has_mass = jnp.where(w > 0, 1.0, 0.0)
-  # Groups whose importance is all zero still need centres: sample by count.
-  w = jnp.where(w.sum(1, keepdims=True) > 0, w, has_mass + 1e-30)
+  trials = 2 + int(np.log(max(K, 1)))
 
-  def pick(key, p):
+  def sample(key, p, n):
     logits = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
     fallback = jnp.where(w > 0, 0.0, -jnp.inf)
     logits = jnp.where(jnp.any(p > 0, axis=1, keepdims=True), logits, fallback)
-    return jax.random.categorical(key, logits, axis=1)
+    return jax.random.categorical(key, logits[:, None, :], axis=-1, shape=(G, n))
 
   keys = jax.random.split(key, K)
-  first = jnp.take_along_axis(pts, pick(keys[0], w)[:, None], axis=1)[:, 0]
+  first = jnp.take_along_axis(pts, sample(keys[0], w, 1), axis=1)[:, 0]
   c = jnp.full((G, K), jnp.inf).at[:, 0].set(first)
   d2 = (pts - first[:, None]) ** 2
 
   def body(k, carry):
     c, d2 = carry
-    new = jnp.take_along_axis(pts, pick(keys[k], w * d2)[:, None], axis=1)[:, 0]
-    c = c.at[:, k].set(new)
-    return c, jnp.minimum(d2, (pts - new[:, None]) ** 2)
+    cand = jnp.take_along_axis(pts, sample(keys[k], w * d2, trials), axis=1)  # (G, T)
+    new_d2 = jnp.minimum(d2[:, None, :], (pts[:, None, :] - cand[:, :, None]) ** 2)
+    best = jnp.argmin((w[:, None, :] * new_d2).sum(-1), axis=1)
+    c = c.at[:, k].set(jnp.take_along_axis(cand, best[:, None], axis=1)[:, 0])
+    return c, jnp.take_along_axis(new_d2, best[:, None, None], axis=1)[:, 0]
 
   c, _ = jax.lax.fori_loop(1, K, body, (c, d2))
   return c
+
+
+_DP_BINS = 256
+
+
+def _init_dp(hist, k_active, K):
+  """Optimal partition of a coarse (256-bin) histogram, by a dense DP.
+
+  Each coarse bin is a point mass at its weighted mean; the O(K M^2) table is
+  small enough to fill with plain array ops. float32 suffices here: at the
+  K <= M / 8 where this is used, cluster costs are far above the rounding of
+  the prefix sums. Fine Lloyd then moves each centroid to the local optimum,
+  which from this start is the global one in all but contrived cases.
+  """
+  G, B = hist.weight.shape
+  M = min(B, _DP_BINS)
+  w = hist.weight.reshape(G, M, B // M).sum(-1)
+  s = hist.moment.reshape(G, M, B // M).sum(-1)
+  v = jnp.where(w > 0, s / jnp.where(w > 0, w, 1.0), 0.0)
+  zero = jnp.zeros((G, 1))
+  p0 = jnp.concatenate([zero, jnp.cumsum(w, 1)], 1)
+  p1 = jnp.concatenate([zero, jnp.cumsum(w * v, 1)], 1)
+  p2 = jnp.concatenate([zero, jnp.cumsum(w * v * v, 1)], 1)
+  # cost[g, i, j]: cost of coarse bins i..j as one cluster (inf when i > j).
+  ww = p0[:, None, 1:] - p0[:, :-1, None]
+  s1 = p1[:, None, 1:] - p1[:, :-1, None]
+  s2 = p2[:, None, 1:] - p2[:, :-1, None]
+  cost = jnp.maximum(s2 - s1 * s1 / jnp.where(ww > 0, ww, 1.0), 0.0)
+  upper = jnp.arange(M)[:, None] <= jnp.arange(M)[None, :]
+  cost = jnp.where(upper[None], cost, jnp.inf)
+
+  def layer(prev, _):
+    # total[g, i, j] = best (k-1) clusters of bins < i, plus bins i..j as one.
+    before = jnp.concatenate([jnp.full((G, 1), jnp.inf), prev[:, :-1]], 1)
+    total = before[:, :, None] + cost
+    return total.min(1), total.argmin(1).astype(jnp.int32)
+
+  first = cost[:, 0, :]
+  _, starts = jax.lax.scan(layer, first, None, length=K - 1)  # (K-1, G, M)
+  starts = jnp.concatenate([jnp.zeros((1, G, M), jnp.int32), starts], 0)
+
+  def back(j, k):
+    # Cluster k (when active) covers bins starts[k, j]..j.
+    i = jnp.where(k > 0, starts[k, jnp.arange(G), jnp.maximum(j, 0)], 0)
+    on = (k < k_active) & (j >= 0)
+    lo, hi = jnp.where(on, i, 0), jnp.where(on, j, 0)
+    mass = p0[jnp.arange(G), hi + 1] - p0[jnp.arange(G), lo]
+    mean = (p1[jnp.arange(G), hi + 1] - p1[jnp.arange(G), lo]) / jnp.where(mass > 0, mass, 1.0)
+    c = jnp.where(on & (mass > 0), mean, jnp.nan)
+    return jnp.where(k < k_active, i - 1, j), c
+
+  _, c = jax.lax.scan(back, jnp.full((G,), M - 1), jnp.arange(K - 1, -1, -1))
+  c = c[::-1].T  # (G, K)
+  # Empty clusters (fewer non-empty bins than clusters) reuse a real centroid.
+  filled = jnp.where(jnp.isnan(c), jnp.nanmax(jnp.where(jnp.isnan(c), -jnp.inf, c), 1,
+                                               keepdims=True), c)
+  return filled
 
 
 # ------------------------------------------------------------ histogram Lloyd
@@ -355,7 +450,13 @@ def _grouped_kmeans(x, h, k_active, key, seg, sizes, *, group_sizes, K, method, 
     c = jnp.where(active, c, jnp.inf)
   else:
     k_init, _ = jax.random.split(key)
-    if init == "linear":
+    if init == "dp" and K * 8 > min(bins, _DP_BINS):
+      init = "kmeans++"  # too many clusters for the coarse table to help
+    if init == "dp":
+      c = _init_dp(hist, k_active, K)
+    elif init == "companding":
+      c = _init_companding(hist, k_active, K, objective)
+    elif init == "linear":
       c = _init_linear(frame, k_active, K)
     elif init == "density":
       c = _init_density(hist, k_active, K)
@@ -408,7 +509,7 @@ def check_finite(name: str, array) -> None:
 
 
 def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_clusters, *,
-                      method: str = "hist", init: str = "density",
+                      method: str = "hist", init: str = "dp",
                       objective: str = "l2", max_iter: int = 300, tol: float = 1e-6,
                       key=None, bins: int | None = None, refine_iters: int = 1,
                       exact_max_points: int = 4096) -> Clustering:
@@ -422,9 +523,11 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     group_sizes: static positive sizes summing to N.
     num_clusters: an int for every group, or one int per group.
     method: "hist" (default), "lloyd" or "exact"; see the module docstring.
-    init: "density" (weighted quantiles), "linear" (min..max), "forgy" (random
-      members) or "kmeans++" (importance-weighted D^2 sampling). Ignored by
-      method="exact".
+    init: "dp" (default: the optimal partition of a coarse 256-bin histogram;
+      "companding" when K > 32), "companding" (quantiles of density^(1/3), the
+      asymptotically optimal spacing), "density" (weighted quantiles),
+      "linear" (min..max), "forgy" (random members) or "kmeans++"
+      (importance-weighted D^2 sampling). Ignored by method="exact".
     objective: "l2" (weighted mean centroids) or "l1" (weighted medians; the
       data-level refinement then costs one sort).
     max_iter, tol: Lloyd stops after max_iter steps or when no centroid moves

@@ -1,0 +1,228 @@
+import itertools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gkq_jax as gkq
+
+
+def numpy_weighted_lloyd(x, h, c, iters):
+  """Independent reference: textbook Lloyd with a full distance matrix."""
+  c = np.array(c, np.float64)
+  for _ in range(iters):
+    a = np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)
+    for k in range(len(c)):
+      m = a == k
+      if h[m].sum() > 0:
+        c[k] = (h[m] * x[m]).sum() / h[m].sum()
+  return np.sort(c)
+
+
+def sse(x, h, c, a):
+  return float((h * (x - np.asarray(c)[np.asarray(a)]) ** 2).sum())
+
+
+def brute_force_optimum(x, h, k, objective):
+  """Best contiguous partition of the sorted points, by enumeration."""
+  order = np.argsort(x)
+  xs, hs = x[order].astype(np.float64), h[order].astype(np.float64)
+  best = np.inf
+  for cuts in itertools.combinations(range(1, len(xs)), k - 1):
+    total = 0.0
+    for part_x, part_h in zip(np.split(xs, cuts), np.split(hs, cuts)):
+      if objective == "l2":
+        mu = (part_h * part_x).sum() / part_h.sum()
+        total += (part_h * (part_x - mu) ** 2).sum()
+      else:
+        total += min((part_h * np.abs(part_x - m)).sum() for m in part_x)
+    best = min(best, total)
+  return best
+
+
+@pytest.fixture
+def bell():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(3000).astype(np.float32)
+  h = (rng.random(3000) ** 2).astype(np.float32)
+  return x, h
+
+
+def test_lloyd_matches_numpy_reference():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal(200).astype(np.float32)
+  h = rng.random(200).astype(np.float32)
+  ours = gkq.kmeans_1d(x, h, 5, method="lloyd", init="linear", max_iter=7, tol=0.0)
+  ref = numpy_weighted_lloyd(x.astype(np.float64), h.astype(np.float64),
+                             np.linspace(x.min(), x.max(), 5), 7)
+  np.testing.assert_allclose(np.asarray(ours.centroids), ref, rtol=1e-4, atol=1e-5)
+  nearest = np.argmin(np.abs(x[:, None] - np.asarray(ours.centroids)[None]), axis=1)
+  np.testing.assert_array_equal(np.asarray(ours.assignments), nearest)
+
+
+@pytest.mark.parametrize("objective", ["l2", "l1"])
+def test_exact_matches_brute_force(objective):
+  rng = np.random.default_rng(2)
+  for trial in range(3):
+    x = rng.standard_normal(9).astype(np.float32)
+    h = (rng.random(9) + 0.05).astype(np.float32)
+    out = gkq.kmeans_1d(x, h, 3, method="exact", objective=objective, refine_iters=0)
+    got = float(gkq.weighted_error(x, h, out.centroids, out.assignments, objective))
+    assert got == pytest.approx(brute_force_optimum(x, h, 3, objective), rel=1e-5, abs=1e-6)
+
+
+def test_exact_matches_ckwrap(bell):
+  ckwrap = pytest.importorskip("ckwrap")
+  x, h = bell
+  ref = ckwrap.ckmeans(x.astype(np.float64), 16, weights=h.astype(np.float64))
+  ref_sse = sse(x, h, ref.centers, ref.labels)
+  out = gkq.kmeans_1d(x, h, 16, method="exact")
+  assert sse(x, h, out.centroids, out.assignments) == pytest.approx(ref_sse, rel=1e-5)
+  np.testing.assert_allclose(np.asarray(out.centroids), np.sort(ref.centers), atol=1e-4)
+
+
+def test_exact_on_histogram_is_near_ckwrap(bell):
+  ckwrap = pytest.importorskip("ckwrap")
+  x, h = bell
+  ref = ckwrap.ckmeans(x.astype(np.float64), 16, weights=h.astype(np.float64))
+  out = gkq.kmeans_1d(x, h, 16, method="exact", exact_max_points=100, bins=1024)
+  assert sse(x, h, out.centroids, out.assignments) <= 1.002 * sse(x, h, ref.centers, ref.labels)
+
+
+def test_default_method_is_near_optimal_where_linear_lloyd_is_not(bell):
+  x, h = bell
+  best = gkq.kmeans_1d(x, h, 16, method="exact")
+  best_sse = sse(x, h, best.centroids, best.assignments)
+  default = gkq.kmeans_1d(x, h, 16)
+  assert sse(x, h, default.centroids, default.assignments) <= 1.005 * best_sse
+  errors = {}
+  for init in gkq.kmeans1d.INITS:
+    out = gkq.kmeans_1d(x, h, 16, init=init, key=jax.random.PRNGKey(3))
+    errors[init] = sse(x, h, out.centroids, out.assignments) / best_sse
+  assert max(errors.values()) <= 1.25, errors
+  # Plain Lloyd from Deep Compression's linear start stalls far from the optimum.
+  assert errors["linear"] > 1.1 * errors["dp"], errors
+
+
+def test_lloyd_never_increases_weighted_sse(bell):
+  x, h = bell
+  errors = []
+  for iters in range(0, 8):
+    out = gkq.kmeans_1d(x, h, 8, method="lloyd", init="linear", max_iter=iters, tol=0.0)
+    errors.append(sse(x, h, out.centroids, out.assignments))
+  assert all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:])), errors
+  assert errors[-1] < errors[0]
+
+
+def test_l1_centroids_are_weighted_medians(bell):
+  x, h = bell
+  out = gkq.kmeans_1d(x[:500], h[:500], 4, objective="l1", method="lloyd")
+  c, a = np.asarray(out.centroids), np.asarray(out.assignments)
+  for k in range(4):
+    m = a == k
+    members, w = x[:500][m], h[:500][m]
+    cost = lambda v: (w * np.abs(members - v)).sum()
+    # The weighted median minimises the L1 cost over every candidate value.
+    assert cost(c[k]) <= min(cost(v) for v in members) * (1 + 1e-5) + 1e-6
+
+
+def test_assignment_is_nearest_centroid(bell):
+  x, h = bell
+  for method in gkq.kmeans1d.METHODS:
+    out = gkq.kmeans_1d(x, h, 16, method=method, bins=64)
+    c = np.asarray(out.centroids)
+    dist = np.abs(x[:, None] - c[None])
+    chosen = dist[np.arange(x.size), np.asarray(out.assignments)]
+    np.testing.assert_allclose(chosen, dist.min(1), atol=1e-6)
+
+
+def test_groups_are_independent_with_own_cluster_counts():
+  rng = np.random.default_rng(4)
+  a = rng.standard_normal(300).astype(np.float32)
+  b = (5 + 3 * rng.standard_normal(500)).astype(np.float32)
+  out = gkq.grouped_kmeans_1d(np.concatenate([a, b]), None, (300, 500), (4, 7), bins=1024)
+  alone = gkq.kmeans_1d(b, None, 7, bins=1024)
+  np.testing.assert_allclose(np.asarray(out.centroids[1]), np.asarray(alone.centroids),
+                             rtol=1e-5, atol=1e-5)
+  c = np.asarray(out.centroids)
+  values = c[np.repeat([0, 1], [300, 500]), np.asarray(out.assignments)]
+  assert len(np.unique(values[:300])) <= 4
+  assert len(np.unique(values[300:])) <= 7
+  assert len(np.unique(c[0])) <= 4  # padding slots repeat a real centroid
+
+
+def test_more_clusters_than_distinct_values():
+  x = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 3.0] * 10, np.float32)
+  for method in gkq.kmeans1d.METHODS:
+    out = gkq.kmeans_1d(x, None, 8, method=method)
+    c = np.asarray(out.centroids)
+    assert np.isfinite(c).all()
+    np.testing.assert_allclose(c[np.asarray(out.assignments)], x, atol=1e-6)
+
+
+def test_constant_group_and_single_cluster():
+  out = gkq.grouped_kmeans_1d(np.array([2.0] * 5 + [1.0, 2.0, 4.0], np.float32), None,
+                              (5, 3), (3, 1))
+  c = np.asarray(out.centroids)
+  assert np.isfinite(c).all()
+  np.testing.assert_allclose(c[0], 2.0)
+  np.testing.assert_allclose(c[1], 7 / 3, rtol=1e-6)
+
+
+def test_all_zero_importance_falls_back_to_uniform(bell):
+  x, _ = bell
+  with pytest.warns(UserWarning, match="all-zero importance"):
+    zero = gkq.kmeans_1d(x, np.zeros_like(x), 4)
+  uniform = gkq.kmeans_1d(x, None, 4)
+  np.testing.assert_allclose(np.asarray(zero.centroids), np.asarray(uniform.centroids), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["nan_values", "inf_importance", "negative", "shape",
+                                 "k0", "method", "int_values"])
+def test_bad_input_raises_clear_error(bad):
+  x = np.linspace(-1, 1, 50).astype(np.float32)
+  h = np.ones_like(x)
+  kwargs = {}
+  if bad == "nan_values":
+    x[7] = np.nan
+    match = "values has 1 non-finite"
+  elif bad == "inf_importance":
+    h[3] = np.inf
+    match = "importance has 1 non-finite"
+  elif bad == "negative":
+    h[3] = -1
+    match = "non-negative"
+  elif bad == "shape":
+    h = h[:10]
+    match = "must match"
+  elif bad == "k0":
+    kwargs["num_clusters"] = 0
+    match = "num_clusters must be >= 1"
+  elif bad == "method":
+    kwargs["method"] = "kmedoids"
+    match = "method='kmedoids' is not one of"
+  else:
+    x = np.arange(50)
+    match = "floating point"
+  with pytest.raises(ValueError, match=match):
+    gkq.kmeans_1d(x, h, **kwargs)
+
+
+def test_runs_under_jit_and_is_deterministic(bell):
+  x, h = bell
+
+  @jax.jit
+  def codebook(x, h):
+    return gkq.kmeans_1d(x, h, 8, init="kmeans++", key=jax.random.PRNGKey(5)).centroids
+
+  first = codebook(jnp.asarray(x), jnp.asarray(h))
+  np.testing.assert_array_equal(np.asarray(first), np.asarray(codebook(x, h)))
+  for method in ("exact",):
+    jitted = jax.jit(lambda x, h: gkq.kmeans_1d(x, h, 8, method=method).centroids)
+    np.testing.assert_allclose(np.asarray(jitted(x, h)),
+                               np.asarray(gkq.kmeans_1d(x, h, 8, method=method).centroids))
+  other = gkq.kmeans_1d(x, h, 8, init="forgy", key=jax.random.PRNGKey(1))
+  again = gkq.kmeans_1d(x, h, 8, init="forgy", key=jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(np.asarray(other.centroids), np.asarray(again.centroids))
