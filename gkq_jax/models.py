@@ -1,0 +1,105 @@
+"""The seeds' models in flax.linen: MLPs (LeNet-300-100, the speech MLP), LeNet-5, ResNet-34."""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MLP(nn.Module):
+  """Dense -> ReLU, with BatchNorm + Dropout on every other layer when asked.
+
+  The seed's speech MLP puts Linear -> ReLU -> BatchNorm -> Dropout(0.5) on
+  every other hidden layer; ``norm_every=2, dropout=0.5`` gives that layout.
+  """
+
+  hidden: Sequence[int] = (300, 100)
+  num_classes: int = 10
+  norm_every: int = 0  # 0: no BatchNorm / Dropout
+  dropout: float = 0.5
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(x.shape[0], -1)
+    for i, width in enumerate(self.hidden):
+      x = nn.relu(nn.Dense(width)(x))
+      if self.norm_every and i % self.norm_every == 0:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+LENET_300_100 = (300, 100)
+SPEECH_MLP = (2048, 1950, 1750, 1600, 1400, 1300, 1200, 1000, 800)
+
+
+class LeNet5(nn.Module):
+  """Caffe's LeNet-5 as in Deep Compression: conv20-5, pool, conv50-5, pool, fc500, fc10."""
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(20, (5, 5), padding="VALID")(x)
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.Conv(50, (5, 5), padding="VALID")(x)
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(500)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class BasicBlock(nn.Module):
+  filters: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    y = nn.Conv(self.filters, (3, 3), self.strides, use_bias=False)(x)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.filters, (3, 3), use_bias=False)(y)
+    y = norm(scale_init=nn.initializers.zeros)(y)
+    if x.shape[-1] != self.filters or self.strides != 1:
+      x = nn.Conv(self.filters, (1, 1), self.strides, use_bias=False, name="shortcut")(x)
+      x = norm(name="shortcut_norm")(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet of basic blocks. ``stem="cifar"``: 3x3 conv, stride 1, no max-pool
+  (the seed's ResNet-34); ``stem="imagenet"``: 7x7 stride 2 + max-pool."""
+
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  width: int = 64
+  num_classes: int = 10
+  stem: str = "cifar"
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    if self.stem == "imagenet":
+      x = nn.Conv(self.width, (7, 7), 2, use_bias=False, name="stem")(x)
+      x = nn.relu(norm(name="stem_norm")(x))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+    else:
+      x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+      x = nn.relu(norm(name="stem_norm")(x))
+    for stage, blocks in enumerate(self.stage_sizes):
+      for block in range(blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(self.width * 2 ** stage, strides)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def ResNet34(num_classes: int = 10, stem: str = "cifar", width: int = 64) -> ResNet:
+  return ResNet((3, 4, 6, 3), width, num_classes, stem)
+
+
+def ResNetTiny(num_classes: int = 10, stem: str = "cifar") -> ResNet:
+  """Same code path as ResNet-34 at a size that compiles in seconds (tests)."""
+  return ResNet((1, 1), 8, num_classes, stem)
