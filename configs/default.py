@@ -1,0 +1,25 @@
+"""Defaults shared by every config; the model configs import and override these."""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.model = "resnet34"
+  c.dataset = "digits"  # offline default; see gkq_jax/data.py for the specs
+  c.num_epochs = 10
+  c.batch_size = 64
+  c.eval_batch_size = 256
+  c.optimizer = "sgd"  # or "adamw"
+  c.learning_rate = 0.05
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.warmup_epochs = 1.0
+  c.image_size = 0  # resize images to this square size (0: as they are)
+  c.augment = False  # random crop (pad 4) + horizontal flip
+  c.seed = 0
+  c.log_every = 50
+  c.distributed = False  # jax.distributed.initialize() for multi-host runs
+  c.mlp = ml_collections.ConfigDict(dict(hidden=(300, 100), norm_every=0, dropout=0.5))
+  c.resnet = ml_collections.ConfigDict(dict(stem="cifar", width=64))
+  return c
