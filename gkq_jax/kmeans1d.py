@@ -38,6 +38,7 @@ OBJECTIVES = ("l2", "l1")
 
 _MAX_BINS = 65536
 _KMEANSPP_BINS = 1024
+_EXACT_BINS = 4096
 
 
 class Clustering(NamedTuple):
@@ -533,7 +534,8 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     max_iter, tol: Lloyd stops after max_iter steps or when no centroid moves
       by more than tol x the group's value range.
     key: PRNG key for "forgy" / "kmeans++"; the result is a pure function of it.
-    bins: histogram bins per group (default: from the group size, at most 65536).
+    bins: histogram bins per group (default: from the group size, at most 65536;
+      at most 4096 for the exact method's DP).
     refine_iters: Lloyd steps on the real values after "hist" / "exact".
     exact_max_points: "exact" runs on the sorted values themselves when every
       group has at most this many, otherwise on a histogram of ``bins`` bins.
@@ -581,7 +583,10 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
   if key is None:
     key = jax.random.PRNGKey(0)
   K = int(k.max())
-  bins = bins or default_bins(values.shape[0], len(group_sizes))
+  if not bins:
+    bins = default_bins(values.shape[0], len(group_sizes))
+    if method == "exact":  # the host DP costs O(K bins log bins) per group
+      bins = min(bins, _EXACT_BINS)
   return _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key,
                          group_ids(group_sizes), jnp.asarray(group_sizes, jnp.int32),
                          group_sizes=group_sizes, K=K, method=method, init=init,
