@@ -47,6 +47,8 @@ class ClusteredArray:
   codebook: jax.Array
   indices: jax.Array
   vector_shape: tuple = flax.struct.field(pytree_node=False, default=None)
+  # Index 0 is an exact zero reserved for pruned weights (codebook[..., 0] == 0).
+  pinned_zero: bool = flax.struct.field(pytree_node=False, default=False)
 
   @property
   def shape(self):
@@ -93,7 +95,7 @@ def _combined_budget(sizes: Sequence[int], ks: Sequence[int], budget: int | None
 def quantize(params: Any, importance: Any = None,
              rules: Sequence[rules_lib.ClusterRule] = rules_lib.DEFAULT_RULES, *,
              granularity: str = "layer", budget: int | None = None, key=None,
-             **cluster_options) -> Any:
+             masks: Any = None, **cluster_options) -> Any:
   """Clusters the selected leaves of ``params``.
 
   Args:
@@ -104,6 +106,10 @@ def quantize(params: Any, importance: Any = None,
       path decides its number of clusters.
     granularity: see the module docstring.
     budget: total centroids for ``granularity="combined"``.
+    masks: optional pytree of bools like params (True = kept, e.g. from
+      :func:`gkq_jax.prune.magnitude_masks`): pruned weights take no part in
+      the clustering and map to a pinned exact-zero centroid (index 0), which
+      counts as one of the leaf's clusters.
     key: PRNG key for random initialisations.
     **cluster_options: passed to :func:`gkq_jax.grouped_kmeans_1d` (method,
       init, objective, max_iter, tol, bins, ...) or, for "vector", to
@@ -131,6 +137,9 @@ def quantize(params: Any, importance: Any = None,
         raise ValueError(f"importance of {path} has shape {jnp.shape(imp)}, "
                          f"the parameter {jnp.shape(leaf)}.")
   ks = [rules_lib.match(rules, p, leaf) for p, leaf in zip(paths, leaves)]
+  masks = [None] * len(leaves) if masks is None else jax.tree_util.tree_leaves(masks)
+  if len(masks) != len(leaves):
+    raise ValueError("masks must have the same tree structure as params.")
   chosen = [i for i, k in enumerate(ks) if k > 0]
   if not chosen:
     raise ValueError("no parameter is selected for clustering: check the rules' "
@@ -144,53 +153,69 @@ def quantize(params: Any, importance: Any = None,
   else:
     for i, clustered in zip(chosen, _cluster_scalars(
         [leaves[i] for i in chosen], [imps[i] for i in chosen], [ks[i] for i in chosen],
-        granularity, budget, key, cluster_options)):
+        [masks[i] for i in chosen], [paths[i] for i in chosen], granularity, budget, key,
+        cluster_options)):
       out[i] = clustered
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _cluster_scalars(leaves, imps, ks, granularity, budget, key, options):
-  arrays = [jnp.asarray(x, jnp.float32) for x in leaves]
+def _scalar_layout(shape, mask, granularity):
+  """Positions (into the flat dense leaf) to cluster, grouped row after row,
+  and the size of each row (one row per codebook)."""
+  size = int(np.prod(shape))
   if granularity == "channel":
-    values = [jnp.moveaxis(a, -1, 0).reshape(-1) for a in arrays]
-    weights = [None if h is None else jnp.moveaxis(jnp.asarray(h), -1, 0).reshape(-1)
-               for h in imps]
-    sizes = [[a.size // a.shape[-1]] * a.shape[-1] for a in arrays]
-    group_k = [[k] * a.shape[-1] for a, k in zip(arrays, ks)]
+    order = np.moveaxis(np.arange(size).reshape(shape), -1, 0).reshape(shape[-1], -1)
   else:
-    values = [a.reshape(-1) for a in arrays]
-    weights = [None if h is None else jnp.asarray(h).reshape(-1) for h in imps]
-    sizes = [[a.size] for a in arrays]
-    if granularity == "combined":
-      group_k = [[k] for k in _combined_budget([a.size for a in arrays], ks, budget)]
-    else:
-      group_k = [[k] for k in ks]
-  x = jnp.concatenate(values)
-  h = None if all(w is None for w in weights) else jnp.concatenate(
-      [jnp.ones_like(v) if w is None else w.astype(jnp.float32)
-       for v, w in zip(values, weights)])
-  flat_sizes = [s for per_leaf in sizes for s in per_leaf]
-  flat_k = [k for per_leaf in group_k for k in per_leaf]
+    order = np.arange(size)[None, :]
+  if mask is None:
+    return order.reshape(-1), [order.shape[1]] * order.shape[0]
+  keep = np.asarray(mask).reshape(-1)[order]
+  return order[keep], keep.sum(axis=1).tolist()
+
+
+def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, options):
+  arrays = [jnp.asarray(x, jnp.float32) for x in leaves]
+  pinned = [m is not None and not bool(np.all(np.asarray(m))) for m in masks]
+  layouts = [_scalar_layout(a.shape, m if p else None, granularity)
+             for a, m, p in zip(arrays, masks, pinned)]
+  for path, (_, rows) in zip(paths, layouts):
+    if min(rows) == 0:
+      raise ValueError(f"{path}: every weight of a codebook group is pruned; prune less or "
+                       "use granularity='layer'.")
+  # A pinned zero takes one of the k slots.
+  own_k = [k - 1 if p else k for k, p in zip(ks, pinned)]
+  if granularity == "combined":
+    own_k = _combined_budget([a.size for a in arrays], own_k, budget)
+  if min(own_k) < 1:
+    raise ValueError("a pruned parameter needs at least 2 clusters (zero + one value).")
+  x = jnp.concatenate([a.reshape(-1)[pos] for a, (pos, _) in zip(arrays, layouts)])
+  h = None
+  if any(w is not None for w in imps):
+    h = jnp.concatenate([jnp.ones(pos.size, jnp.float32) if w is None
+                         else jnp.asarray(w, jnp.float32).reshape(-1)[pos]
+                         for w, (pos, _) in zip(imps, layouts)])
   if granularity == "model":
-    flat_sizes, flat_k = [x.shape[0]], [max(ks)]
-  result = grouped_kmeans_1d(x, h, flat_sizes, flat_k, key=key, **options)
+    sizes, group_k = [x.shape[0]], [max(own_k)]
+  else:
+    sizes = [n for _, rows in layouts for n in rows]
+    group_k = [k for (_, rows), k in zip(layouts, own_k) for _ in rows]
+  result = grouped_kmeans_1d(x, h, sizes, group_k, key=key, **options)
   centroids, assignments = result.centroids, result.assignments
 
   out, offset, group = [], 0, 0
-  for a, leaf_sizes, leaf_k in zip(arrays, sizes, group_k):
-    idx = assignments[offset:offset + a.size]
-    k = max(leaf_k) if granularity != "model" else flat_k[0]
+  for a, (pos, rows), k, pin in zip(arrays, layouts, own_k, pinned):
     if granularity == "model":
-      codebook = centroids[0:1, :k]
+      book = jnp.repeat(centroids[0:1, :group_k[0]], len(rows), axis=0)
     else:
-      codebook = centroids[group:group + len(leaf_sizes), :k]
-      group += len(leaf_sizes)
-    if granularity == "channel":
-      idx = jnp.moveaxis(idx.reshape((a.shape[-1],) + a.shape[:-1]), 0, -1)
-    else:
-      idx = idx.reshape(a.shape)
-    out.append(ClusteredArray(codebook, idx.astype(index_dtype(k))))
-    offset += a.size
+      book = centroids[group:group + len(rows), :k]
+      group += len(rows)
+    idx = assignments[offset:offset + pos.size] + (1 if pin else 0)
+    offset += pos.size
+    flat_idx = jnp.zeros(a.size, jnp.int32).at[pos].set(idx)
+    if pin:
+      book = jnp.concatenate([jnp.zeros((book.shape[0], 1), book.dtype), book], axis=1)
+    out.append(ClusteredArray(book, flat_idx.reshape(a.shape).astype(index_dtype(book.shape[1])),
+                              pinned_zero=pin))
   return out
 
 
