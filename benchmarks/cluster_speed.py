@@ -47,8 +47,9 @@ def timed(fn, repeats):
 
 
 def sse_of(layers, weights, centroids, labels):
-  return float(sum((h.astype(np.float64) * (x - c[a]) ** 2).sum()
-                   for x, h, c, a in zip(layers, weights, centroids, labels)))
+  """Weighted SSE of every layer (float64)."""
+  return [float((h.astype(np.float64) * (x - c[a]) ** 2).sum())
+          for x, h, c, a in zip(layers, weights, centroids, labels)]
 
 
 def run_gkq(layers, weights, k, method, repeats):
@@ -80,20 +81,20 @@ def run_flash(layers, weights, k, repeats):
 
 def run_sklearn(layers, weights, k, budget):
   from sklearn.cluster import KMeans
-  start, done, sse, n_done = time.perf_counter(), 0, 0.0, 0
+  start, per_layer, n_done = time.perf_counter(), [], 0
   for x, h in zip(layers, weights):
     km = KMeans(n_clusters=k, n_init=1, random_state=0).fit(x[:, None], sample_weight=h)
-    sse += sse_of([x], [h], [km.cluster_centers_[:, 0]], [km.labels_])
-    done += 1
+    per_layer += sse_of([x], [h], [km.cluster_centers_[:, 0]], [km.labels_])
     n_done += x.size
     if time.perf_counter() - start > budget:
       break
   elapsed = time.perf_counter() - start
   total = sum(x.size for x in layers)
-  if done < len(layers):
-    scale = total / n_done
-    return elapsed * scale, sse * scale, f"~ (extrapolated from {n_done / total:.0%} of weights)"
-  return elapsed, sse, ""
+  if len(per_layer) < len(layers):
+    return elapsed * total / n_done, per_layer, (
+        f"time extrapolated from the first {len(per_layer)} layers ({n_done / total:.0%} of "
+        "the weights); SSE columns compare those layers only")
+  return elapsed, per_layer, ""
 
 
 def run_sort(layers, repeats):
@@ -124,11 +125,15 @@ def main():
     res["flash1dkmeans"] = run_flash(layers, weights, k, args.repeats) + ("",)
     sk_time, sk_sse, note = run_sklearn(layers, weights, k, args.sklearn_seconds)
     res["sklearn KMeans"] = (sk_time, sk_time, sk_sse, note)
-    res["np.sort (floor)"] = (sort_first, sort_warm, float("nan"), "")
-    flash_warm, flash_sse = res["flash1dkmeans"][1], res["flash1dkmeans"][2]
+    # Compare quality on the layers every method finished.
+    n_common = len(sk_sse)
+    flash_warm, flash_sse = res["flash1dkmeans"][1], sum(res["flash1dkmeans"][2][:n_common])
     for name, (first, warm, sse, note) in res.items():
-      rows.append((name, k, warm, first, sse, sk_time / warm, flash_warm / warm,
-                   sort_warm / warm, sse / flash_sse, note))
+      total = sum(sse[:n_common])
+      rows.append((name, k, warm, first, total, sk_time / warm, flash_warm / warm,
+                   sort_warm / warm, total / flash_sse, note))
+    rows.append(("np.sort (floor)", k, sort_warm, sort_first, float("nan"), sk_time / sort_warm,
+                 flash_warm / sort_warm, 1.0, float("nan"), ""))
 
   header = ("method", "K", "warm s", "first s", "weighted SSE", "x faster than sklearn",
             "x faster than flash", "x faster than sort", "SSE / flash", "")

@@ -206,10 +206,12 @@ def _init_kmeanspp(key, hist, k_active, K):
   trials = 2 + int(np.log(max(K, 1)))
 
   def sample(key, p, n):
-    logits = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
-    fallback = jnp.where(w > 0, 0.0, -jnp.inf)
-    logits = jnp.where(jnp.any(p > 0, axis=1, keepdims=True), logits, fallback)
-    return jax.random.categorical(key, logits[:, None, :], axis=-1, shape=(G, n))
+    # Inverse-CDF draws: n uniforms per group instead of a Gumbel per bin.
+    p = jnp.where(jnp.any(p > 0, axis=1, keepdims=True), p, (w > 0).astype(p.dtype))
+    cdf = jnp.cumsum(p, axis=1)
+    u = jax.random.uniform(key, (G, n)) * cdf[:, -1:]
+    idx = jax.vmap(lambda c, v: jnp.searchsorted(c, v, side="right"))(cdf, u)
+    return jnp.clip(idx, 0, coarse - 1)
 
   keys = jax.random.split(key, K)
   first = jnp.take_along_axis(pts, sample(keys[0], w, 1), axis=1)[:, 0]

@@ -84,7 +84,7 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
     del params
 
     def project(u, seg, counts, frozen):
-      if seg.ndim == 0:
+      if seg.ndim == 0 or isinstance(u, optax.MaskedNode):
         return u
       n = counts.shape[0]
       total = jax.ops.segment_sum(u.reshape(-1), seg.reshape(-1), n)
@@ -93,7 +93,9 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
       shared = total[seg].astype(u.dtype)
       return jnp.where(frozen, jnp.zeros_like(shared), shared)
 
-    return jax.tree.map(project, updates, state.segments, state.counts, state.frozen), state
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # inside optax.masked
+    return jax.tree.map(project, updates, state.segments, state.counts, state.frozen,
+                        is_leaf=masked), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
