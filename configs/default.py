@@ -20,6 +20,23 @@ def get_config():
   c.seed = 0
   c.log_every = 50
   c.distributed = False  # jax.distributed.initialize() for multi-host runs
+  c.mode = "compress"  # "train", "compress", "sensitivity" or "compare"
+  c.init_checkpoint = ""  # a checkpoint folder (e.g. runs/x/checkpoints/baseline) to start from
+
+  c.prune = ml_collections.ConfigDict(dict(
+      enabled=False, qualities=(0.5, 0.8, 1.1), epochs_per_round=2, learning_rate=0.01))
+  c.quantize = ml_collections.ConfigDict(dict(
+      bits=4,  # default for every Dense/Conv kernel
+      rules=(),  # extra "regex=bits" rules, first match wins, e.g. ("Dense_0/kernel$=6",)
+      importance="grad_sq",  # "abs_grad", "grad_sq" or "none"
+      importance_batches=20,
+      method="hist", init="dp", objective="l2",
+      granularity="layer"))
+  c.finetune = ml_collections.ConfigDict(dict(
+      epochs=2, learning_rate=0.01, reduce="mean",  # "sum": Deep Compression's rule
+      distill=0.0))  # weight of distillation from the uncompressed model
+  c.sensitivity = ml_collections.ConfigDict(dict(bits=(1, 2, 4, 8)))
+  c.compare = ml_collections.ConfigDict(dict(bits=(2, 3, 4), finetune_epochs=1))
   c.mlp = ml_collections.ConfigDict(dict(hidden=(300, 100), norm_every=0, dropout=0.5))
   c.resnet = ml_collections.ConfigDict(dict(stem="cifar", width=64))
   return c

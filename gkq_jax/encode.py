@@ -96,13 +96,18 @@ def _encode_indices(idx: np.ndarray, k: int, sparse_ok: bool, sections: _Section
           "values": _encode_stream(best[4], sections)}
 
 
-def save(path, tree: Any) -> int:
-  """Writes a (partly) quantized params tree; returns the file size in bytes."""
+def save(path, tree: Any) -> tuple[int, dict]:
+  """Writes a (partly) quantized params tree.
+
+  Returns the file size in bytes and, per leaf path, the bytes its sections
+  take and how its indices were coded.
+  """
   flat, _ = jax.tree_util.tree_flatten_with_path(
       tree, is_leaf=lambda x: isinstance(x, ClusteredArray))
-  sections, entries = _Sections(), []
+  sections, entries, sizes = _Sections(), [], {}
   for key_path, leaf in flat:
     name = rules_lib.path_string(key_path)
+    before = sections.buffer.tell()
     if isinstance(leaf, ClusteredArray):
       book = np.asarray(leaf.codebook, np.float32)
       idx = np.asarray(leaf.indices).reshape(-1).astype(np.int64)
@@ -119,12 +124,14 @@ def save(path, tree: Any) -> int:
       array = np.asarray(leaf)
       entries.append({"path": name, "kind": "raw", "dtype": str(array.dtype),
                       "shape": list(array.shape), "data": sections.add(array.tobytes())})
+    coding = entries[-1]["indices"]["coding"] if entries[-1]["kind"] == "clustered" else "raw"
+    sizes[name] = {"bytes": sections.buffer.tell() - before, "coding": coding}
   header = json.dumps({"entries": entries}).encode()
   body = (MAGIC + struct.pack("<HI", FORMAT_VERSION, len(header)) + header
           + sections.buffer.getvalue())
   data = body + hashlib.sha256(body).digest()
   pathlib.Path(path).write_bytes(data)
-  return len(data)
+  return len(data), sizes
 
 
 def _decode_stream(spec: dict, section) -> np.ndarray:

@@ -203,7 +203,9 @@ def fit(state: TrainState, ds: data_lib.Dataset, config, *, num_epochs: int,
   start_epoch = 0 if done is None else done
   if done is not None:
     logging.info("%s: resumed from the checkpoint of epoch %d", stage, done)
-  state = mesh.replicate(state)
+  # The step donates its state: work on copies so the caller's arrays (a
+  # teacher, masks, the previous stage's weights) stay alive.
+  state = mesh.replicate(jax.tree.map(lambda x: jnp.array(x, copy=True), state))
 
   def step_fn(state, batch, key):
     state, metrics = train_step(state, batch, key, extra_loss)
