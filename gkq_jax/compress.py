@@ -84,7 +84,9 @@ def prune_stage(ctx: Context, state, rules):
   selected = selected_leaves(state.params, rules)
   masks = None
   for i, quality in enumerate(cfg.qualities):
-    masks = prune_lib.magnitude_masks(state.params, selected, float(quality))
+    # Host copies: the optimiser state that holds them is donated every step.
+    masks = jax.tree.map(np.asarray, prune_lib.magnitude_masks(state.params, selected,
+                                                               float(quality)))
     state = state.replace(params=prune_lib.apply_masks(state.params, masks))
     tx = prune_lib.keep_pruned(_optimizer(ctx, cfg.epochs_per_round, cfg.learning_rate), masks)
     state = ctx.retrain(state, tx, cfg.epochs_per_round, f"prune_{i + 1}")

@@ -128,11 +128,11 @@ def compress(ctx, state, results) -> dict:
   compress_lib.check_rules_match(state.params, rules)
   acc = results["accuracy"]
   teacher = {"params": state.params, "batch_stats": state.batch_stats}
-  original = state.params
   masks = None
   if config.prune.enabled:
     state, masks = compress_lib.prune_stage(ctx, state, rules)
     acc["pruned"] = ctx.evaluate(state)
+  before_clustering = state.params
   q = compress_lib.quantize_params(ctx, state, rules, masks)
   acc["quantized"] = ctx.evaluate(state, gkq.dequantize(q))
   state, q = compress_lib.finetune_stage(ctx, state, q, masks, teacher)
@@ -158,7 +158,8 @@ def compress(ctx, state, results) -> dict:
                  compressed_file=str(path))
   rows = report_lib.layer_rows({"params": q}, sizes)
   text = report_lib.write(workdir, results, rows)
-  results["plots"] = report_lib.plot(workdir, {"params": original}, {"params": q}, results)
+  results["plots"] = report_lib.plot(workdir, {"params": before_clustering}, {"params": q},
+                                     results)
   print(text)
   return results
 

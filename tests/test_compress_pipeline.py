@@ -1,0 +1,179 @@
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+import gkq_jax as gkq
+from configs import mlp as mlp_config
+from gkq_jax import encode
+from gkq_jax import run as run_lib
+
+
+def pipeline_config(**overrides):
+  c = mlp_config.get_config("smoke")
+  c.num_epochs = 2
+  c.log_every = 10
+  c.prune.enabled = True
+  c.prune.qualities = (0.6, 1.0)
+  c.prune.epochs_per_round = 1
+  c.quantize.bits = 3
+  c.finetune.epochs = 1
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("pipeline")
+  return workdir, run_lib.run(pipeline_config(), workdir)
+
+
+def test_pipeline_report_file_and_stages(finished_run):
+  workdir, results = finished_run
+  report = json.loads((workdir / "report.json").read_text())
+  for key in ("fp32_bytes", "compressed_bytes", "compression_ratio", "accuracy", "layers"):
+    assert key in report
+  assert set(report["accuracy"]) == {"baseline", "pruned", "quantized", "finetuned",
+                                     "compressed_file"}
+  assert report["compressed_bytes"] == (workdir / "model.gkq").stat().st_size
+  assert report["compression_ratio"] == pytest.approx(
+      report["fp32_bytes"] / report["compressed_bytes"])
+  assert report["compression_ratio"] > 10
+  # Logits from the file are bit-identical, so the accuracy is the same.
+  assert report["accuracy"]["compressed_file"] == report["accuracy"]["finetuned"]
+  for layer in report["layers"]:
+    assert layer["distinct_values"] <= layer["clusters"] == 8
+    assert layer["kept_percent"] < 60
+  for name in ("report.md", "weights.png", "stages.png"):
+    assert (workdir / name).stat().st_size > 0
+
+
+def test_loaded_file_has_k_values_and_pruned_zeros(finished_run):
+  workdir, _ = finished_run
+  loaded = encode.load(workdir / "model.gkq")
+  dense = gkq.dequantize(loaded["params"])
+  for path, leaf in gkq.clustered_leaves(loaded["params"]):
+    values = np.asarray(leaf.dequantize())
+    assert len(np.unique(values)) <= leaf.num_clusters
+    assert leaf.pinned_zero and (values == 0).mean() > 0.4
+  assert set(dense) == {"Dense_0", "Dense_1", "Dense_2"}
+
+
+def test_rerun_replays_checkpoints_to_the_same_result(finished_run):
+  workdir, results = finished_run
+  again = run_lib.run(pipeline_config(), workdir)
+  assert again["accuracy"] == results["accuracy"]
+  assert again["compressed_bytes"] == results["compressed_bytes"]
+
+
+def test_interrupted_finetune_resumes(tmp_path, monkeypatch):
+  from gkq_jax import train as train_lib
+  config = pipeline_config()
+  config.prune.enabled = False
+  config.finetune.epochs = 2
+  straight = run_lib.run(config, tmp_path / "straight")
+  real_fit = train_lib.fit
+  calls = {"n": 0}
+
+  def killed_in_finetune(state, ds, cfg, **kw):
+    if kw["stage"] == "finetune" and calls["n"] == 0:
+      calls["n"] += 1
+      kw["num_epochs"] = 1  # checkpoint epoch 1, then "die"
+      real_fit(state, ds, cfg, **kw)
+      raise KeyboardInterrupt("simulated kill")
+    return real_fit(state, ds, cfg, **kw)
+
+  monkeypatch.setattr(train_lib, "fit", killed_in_finetune)
+  with pytest.raises(KeyboardInterrupt):
+    run_lib.run(config, tmp_path / "resumed")
+  assert (tmp_path / "resumed" / "checkpoints" / "finetune").exists()
+  resumed = run_lib.run(config, tmp_path / "resumed")
+  assert resumed["accuracy"] == straight["accuracy"]
+
+
+def test_sensitivity_and_compare_modes(tmp_path):
+  config = pipeline_config(mode="sensitivity")
+  config.sensitivity.bits = (1, 4)
+  config.init_checkpoint = ""
+  results = run_lib.run(config, tmp_path / "sens")
+  assert len(results["sensitivity"]) == 3 * 2
+  assert (tmp_path / "sens" / "sensitivity.csv").exists()
+  assert (tmp_path / "sens" / "sensitivity.png").exists()
+  config = pipeline_config(mode="compare")
+  config.compare.bits = (2,)
+  config.compare.finetune_epochs = 1
+  config.init_checkpoint = str(tmp_path / "sens" / "checkpoints" / "baseline")
+  results = run_lib.run(config, tmp_path / "cmp")
+  methods = {r["method"] for r in results["compare"]}
+  assert methods == set(run_lib.COMPARE_METHODS)
+  assert "gkq g^2" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_bad_compression_inputs(tmp_path):
+  with pytest.raises(ValueError, match="matches no parameter"):
+    run_lib.run(_with_rule("Cnov_0/kernel=4"), tmp_path / "a")
+  with pytest.raises(ValueError, match="bits must be in 1..16"):
+    run_lib.run(_with_bits(17), tmp_path / "b")
+  other = mlp_config.get_config("smoke")
+  other.mode = "train"
+  other.mlp.hidden = (7,)
+  run_lib.run(other, tmp_path / "other")
+  config = pipeline_config()
+  config.init_checkpoint = str(tmp_path / "other" / "checkpoints" / "baseline")
+  with pytest.raises(ValueError, match="another model"):
+    run_lib.run(config, tmp_path / "c")
+
+
+def _with_rule(rule):
+  c = pipeline_config()
+  c.quantize.rules = (rule,)
+  return c
+
+
+def _with_bits(bits):
+  c = pipeline_config()
+  c.quantize.bits = bits
+  return c
+
+
+@pytest.mark.parametrize("case", ["truncated", "flipped", "newer", "not_ours"])
+def test_damaged_files_raise_clear_errors(tmp_path, case):
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (40, 30)), "b": np.zeros(3)}
+  q = gkq.quantize(params, None, [gkq.ClusterRule("w", 8)])
+  path = tmp_path / "m.gkq"
+  encode.save(path, q)
+  data = bytearray(path.read_bytes())
+  if case == "truncated":
+    data = data[:-100]
+    match = "truncated or corrupted"
+  elif case == "flipped":
+    data[len(data) // 2] ^= 0x10
+    match = "truncated or corrupted"
+  elif case == "newer":
+    data[len(encode.MAGIC)] = encode.FORMAT_VERSION + 1
+    match = "format version"
+  else:
+    data = b"PK\x03\x04" + data[4:]
+    match = "not a gkq_jax compressed file"
+  path.write_bytes(bytes(data))
+  with pytest.raises(encode.CorruptFileError, match=match):
+    encode.load(path)
+
+
+@pytest.mark.parametrize("k,density", [(2, 1.0), (16, 1.0), (256, 1.0), (32, 0.05), (4, 0.3)])
+def test_every_coding_round_trips_exactly(tmp_path, k, density):
+  rng = np.random.default_rng(k)
+  w = rng.standard_normal((123, 77)).astype(np.float32)
+  w[rng.random(w.shape) > density] = 0
+  mask = w != 0
+  q = gkq.quantize({"w": w}, None, [gkq.ClusterRule("w", k)],
+                   masks={"w": mask} if density < 1 else None)
+  size, sizes = encode.save(tmp_path / "m.gkq", q)
+  back = encode.load(tmp_path / "m.gkq")
+  np.testing.assert_array_equal(np.asarray(gkq.dequantize(back)["w"]),
+                                np.asarray(gkq.dequantize(q)["w"]))
+  if density < 0.1:
+    assert sizes["w"]["coding"] == "sparse"
