@@ -1,5 +1,10 @@
-"""LeNet-300-100 (Deep Compression's MLP). Variants: ``:fashion_mnist``,
-``:speech`` (the seed's 9-layer MLP with BatchNorm + Dropout), ``:smoke``."""
+"""LeNet-300-100 (Deep Compression's MLP).
+
+Variants: ``:fashion_mnist``; ``:dc_fashion_mnist`` (Deep Compression's
+setting: iterative pruning to ~8% of the weights, 6-bit codebooks, Huffman);
+``:compare_fashion_mnist`` (quantization methods side by side at 2/3/4 bits);
+``:speech`` (the seed's 9-layer MLP with BatchNorm + Dropout); ``:smoke``.
+"""
 
 from configs import default
 
@@ -12,10 +17,26 @@ def get_config(variant: str = ""):
   c.optimizer = "adamw"
   c.learning_rate = 2e-3
   c.weight_decay = 1e-4
-  if variant == "fashion_mnist":
+  if variant in ("fashion_mnist", "dc_fashion_mnist", "compare_fashion_mnist"):
     c.dataset = "idx:../shared/datasets/fashion-mnist"
     c.num_epochs = 20
     c.batch_size = 128
+  if variant == "dc_fashion_mnist":
+    c.prune.enabled = True
+    c.prune.qualities = (0.6, 0.9, 1.0)
+    c.prune.epochs_per_round = 4
+    c.prune.learning_rate = 1e-3
+    c.quantize.bits = 6
+    c.quantize.rules = ("Dense_2/kernel$=5",)
+    c.finetune.epochs = 3
+    c.finetune.learning_rate = 5e-4
+  elif variant == "compare_fashion_mnist":
+    c.mode = "compare"
+    c.compare.bits = (2, 3, 4)
+    c.compare.finetune_epochs = 2
+    c.finetune.learning_rate = 5e-4
+  elif variant == "fashion_mnist":
+    pass
   elif variant == "speech":
     c.mlp.hidden = (2048, 1950, 1750, 1600, 1400, 1300, 1200, 1000, 800)
     c.mlp.norm_every = 2
@@ -23,5 +44,6 @@ def get_config(variant: str = ""):
     c.num_epochs = 1
     c.batch_size = 32
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of mlp.py: use fashion_mnist, speech or smoke.")
+    raise ValueError(f"unknown variant {variant!r} of mlp.py: use fashion_mnist, "
+                     "dc_fashion_mnist, compare_fashion_mnist, speech or smoke.")
   return c

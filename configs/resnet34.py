@@ -10,7 +10,7 @@ from configs import default
 def get_config(variant: str = ""):
   c = default.get_config()
   c.model = "resnet34"
-  c.num_epochs = 12
+  c.num_epochs = 10
   c.batch_size = 64
   c.learning_rate = 0.05
   if variant == "cifar10":

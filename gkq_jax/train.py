@@ -168,7 +168,7 @@ class MetricWriter:
 
 def _checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory.resolve(),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+                               options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
 
 def restore_latest(directory: pathlib.Path, target):
