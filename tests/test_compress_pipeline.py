@@ -177,3 +177,16 @@ def test_every_coding_round_trips_exactly(tmp_path, k, density):
                                 np.asarray(gkq.dequantize(q)["w"]))
   if density < 0.1:
     assert sizes["w"]["coding"] == "sparse"
+
+
+def test_distillation_and_sum_reduction_finetune(tmp_path):
+  config = pipeline_config()
+  config.prune.enabled = False
+  config.finetune.distill = 0.5
+  config.finetune.reduce = "sum"
+  config.finetune.learning_rate = 1e-4
+  config.quantize.granularity = "channel"
+  results = run_lib.run(config, tmp_path)
+  acc = results["accuracy"]
+  assert acc["finetuned"] == acc["compressed_file"]
+  assert acc["finetuned"] > 0.5
