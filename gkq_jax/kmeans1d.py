@@ -53,11 +53,13 @@ class Clustering(NamedTuple):
   assignments: jax.Array
 
 
-def default_bins(num_values: int, num_groups: int) -> int:
-  """Histogram resolution: fine for big groups, bounded memory for many groups."""
+def default_bins(num_values: int, num_groups: int, num_clusters: int = 256) -> int:
+  """Histogram resolution: ~256 bins per cluster (at least 16384) for big
+  groups, fewer for small groups so memory stays bounded with many groups."""
   per_group = max(1, num_values // max(1, num_groups))
   bins = 1 << int(np.ceil(np.log2(max(per_group, 1))))
-  return int(np.clip(bins, 1024, _MAX_BINS))
+  wanted = 1 << int(np.ceil(np.log2(max(16384, 256 * num_clusters))))
+  return int(np.clip(bins, 1024, min(wanted, _MAX_BINS)))
 
 
 @functools.lru_cache(maxsize=4)
@@ -536,8 +538,8 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     max_iter, tol: Lloyd stops after max_iter steps or when no centroid moves
       by more than tol x the group's value range.
     key: PRNG key for "forgy" / "kmeans++"; the result is a pure function of it.
-    bins: histogram bins per group (default: from the group size, at most 65536;
-      at most 4096 for the exact method's DP).
+    bins: histogram bins per group (default: from the group size and K, at
+      most 65536; at most 4096 for the exact method's DP).
     refine_iters: Lloyd steps on the real values after "hist" / "exact".
     exact_max_points: "exact" runs on the sorted values themselves when every
       group has at most this many, otherwise on a histogram of ``bins`` bins.
@@ -586,7 +588,7 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     key = jax.random.PRNGKey(0)
   K = int(k.max())
   if not bins:
-    bins = default_bins(values.shape[0], len(group_sizes))
+    bins = default_bins(values.shape[0], len(group_sizes), int(k.max()))
     if method == "exact":  # the host DP costs O(K bins log bins) per group
       bins = min(bins, _EXACT_BINS)
   return _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key,
