@@ -356,7 +356,6 @@ def assign_nearest(xc, c, frame, hist):
   short walk over the midpoints.
   """
   G, K = c.shape
-  B = hist.bin_centers.shape[1]
   mid = _padded_midpoints(c)  # (G, K + 1)
   half_width = (hist.bin_centers[:, 1:2] - hist.bin_centers[:, 0:1]) / 2
   left_edge = hist.bin_centers - half_width

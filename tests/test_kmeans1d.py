@@ -1,5 +1,4 @@
 import itertools
-import warnings
 
 import jax
 import jax.numpy as jnp
