@@ -117,3 +117,7 @@ def test_main_cli_smoke_and_locked_config(tmp_path):
   assert (tmp_path / "results.json").exists()
   bad = subprocess.run(cmd + ["--config.num_epoch=3"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode != 0 and "num_epoch" in bad.stderr
+  bad = subprocess.run(cmd + ["--config.dataset=idx:/no/such/dir"], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert bad.returncode == 1
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: idx: directory /no/such/dir")
