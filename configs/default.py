@@ -24,7 +24,8 @@ def get_config():
   c.init_checkpoint = ""  # a checkpoint folder (e.g. runs/x/checkpoints/baseline) to start from
 
   c.prune = ml_collections.ConfigDict(dict(
-      enabled=False, qualities=(0.5, 0.8, 1.1), epochs_per_round=2, learning_rate=0.01))
+      enabled=False, qualities=(0.5, 0.8, 1.1), epochs_per_round=2, learning_rate=0.01,
+      distill=0.0))  # weight of distillation from the unpruned model while retraining
   c.quantize = ml_collections.ConfigDict(dict(
       bits=4,  # default for every Dense/Conv kernel
       rules=(),  # extra "regex=bits" rules, first match wins, e.g. ("Dense_0/kernel$=6",)

@@ -78,10 +78,11 @@ def _optimizer(ctx, epochs, learning_rate):
   return train_lib.create_optimizer(ctx.config, ctx.steps_per_epoch, epochs, learning_rate)
 
 
-def prune_stage(ctx: Context, state, rules):
+def prune_stage(ctx: Context, state, rules, teacher=None):
   """Iterative magnitude pruning with retraining; returns (state, masks)."""
   cfg = ctx.config.prune
   selected = selected_leaves(state.params, rules)
+  extra = distillation_loss(state, teacher, cfg.distill) if teacher else None
   masks = None
   for i, quality in enumerate(cfg.qualities):
     # Host copies: the optimiser state that holds them is donated every step.
@@ -89,7 +90,7 @@ def prune_stage(ctx: Context, state, rules):
                                                                float(quality)))
     state = state.replace(params=prune_lib.apply_masks(state.params, masks))
     tx = prune_lib.keep_pruned(_optimizer(ctx, cfg.epochs_per_round, cfg.learning_rate), masks)
-    state = ctx.retrain(state, tx, cfg.epochs_per_round, f"prune_{i + 1}")
+    state = ctx.retrain(state, tx, cfg.epochs_per_round, f"prune_{i + 1}", extra)
     logging.info("prune round %d (quality %.2f): %.1f%% of selected weights kept", i + 1,
                  quality, 100 * (1 - prune_lib.sparsity(state.params, selected)))
   return state, masks

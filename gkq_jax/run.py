@@ -130,7 +130,7 @@ def compress(ctx, state, results) -> dict:
   teacher = {"params": state.params, "batch_stats": state.batch_stats}
   masks = None
   if config.prune.enabled:
-    state, masks = compress_lib.prune_stage(ctx, state, rules)
+    state, masks = compress_lib.prune_stage(ctx, state, rules, teacher)
     acc["pruned"] = ctx.evaluate(state)
   before_clustering = state.params
   q = compress_lib.quantize_params(ctx, state, rules, masks)
@@ -213,9 +213,10 @@ COMPARE_METHODS = {
     # name: (importance, method, init, max_iter)
     "uniform": ("none", "lloyd", "linear", 0),
     "kmeans": ("none", "hist", "dp", 300),
-    "gkq |g|": ("abs_grad", "hist", "dp", 300),
-    "gkq g^2": ("grad_sq", "hist", "dp", 300),
-    "gkq g^2 exact": ("grad_sq", "exact", "dp", 300),
+    "kmeans exact": ("none", "exact", "dp", 300),
+    "gkq abs_grad": ("abs_grad", "hist", "dp", 300),
+    "gkq grad_sq": ("grad_sq", "hist", "dp", 300),
+    "gkq grad_sq exact": ("grad_sq", "exact", "dp", 300),
 }
 
 
@@ -233,7 +234,7 @@ def compare(ctx, state, results) -> dict:
       q = gkq.quantize(base_params, imp, rules, method=method, init=init, max_iter=max_iter,
                        key=jax.random.PRNGKey(ctx.config.seed))
       before = ctx.evaluate(state, gkq.dequantize(q))
-      stage = f"compare_{name.replace(' ', '_').replace('|', '').replace('^', '')}_{bits}bit"
+      stage = f"compare_{name.replace(' ', '_')}_{bits}bit"
       tuned, _ = compress_lib.finetune_stage(ctx, state.replace(params=base_params), q, None,
                                              stage=stage,
                                              epochs=ctx.config.compare.finetune_epochs)

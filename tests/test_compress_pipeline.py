@@ -108,7 +108,7 @@ def test_sensitivity_and_compare_modes(tmp_path):
   results = run_lib.run(config, tmp_path / "cmp")
   methods = {r["method"] for r in results["compare"]}
   assert methods == set(run_lib.COMPARE_METHODS)
-  assert "gkq g^2" in (tmp_path / "cmp" / "compare.md").read_text()
+  assert "| gkq grad_sq | 2 |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_bad_compression_inputs(tmp_path):
