@@ -46,8 +46,7 @@ def cluster_segments(leaf: ClusteredArray) -> tuple[jax.Array, int]:
 
 class ShareCentroidsState(NamedTuple):
   segments: Any  # per weight: its cluster id (int32), or a scalar -1 for plain leaves
-  counts: Any  # per cluster: number of members (float32), or a scalar for plain leaves
-  frozen: Any  # per weight: True where it must not move (pinned zeros)
+  scale: Any  # per cluster: 1/size ("mean") or 1 ("sum"); 0 for a pinned zero
 
 
 def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTransformation:
@@ -61,20 +60,23 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
   """
   if reduce not in REDUCTIONS:
     raise ValueError(f"reduce={reduce!r} is not one of {REDUCTIONS}.")
+
   def leaf_state(leaf):
     if not _is_clustered(leaf):
-      return (jnp.full((), _PLAIN, jnp.int32), jnp.zeros((), jnp.float32),
-              jnp.zeros((), bool))
+      return jnp.full((), _PLAIN, jnp.int32), jnp.zeros((), jnp.float32)
     seg, n = cluster_segments(leaf)
     counts = jax.ops.segment_sum(jnp.ones(seg.size, jnp.float32), seg.reshape(-1), n)
-    pinned = leaf.pinned_zero and leaf.vector_shape is None
-    frozen = leaf.indices == 0 if pinned else jnp.zeros(leaf.shape, bool)
-    return seg, counts, frozen
+    scale = 1.0 / jnp.maximum(counts, 1.0) if reduce == "mean" else jnp.ones(n, jnp.float32)
+    if leaf.pinned_zero and leaf.vector_shape is None:
+      # Index 0 of every codebook row is the exact zero of pruned weights.
+      scale = scale.at[::leaf.codebook.shape[-1]].set(0.0)
+    return seg, scale
 
-  triples = jax.tree.map(leaf_state, quantized, is_leaf=_is_clustered)
+  pairs = jax.tree.map(leaf_state, quantized, is_leaf=_is_clustered)
   treedef = jax.tree.structure(quantized, is_leaf=_is_clustered)
-  flat = treedef.flatten_up_to(triples)
-  state = ShareCentroidsState(*(treedef.unflatten([t[i] for t in flat]) for i in range(3)))
+  flat = treedef.flatten_up_to(pairs)
+  state = ShareCentroidsState(treedef.unflatten([p[0] for p in flat]),
+                              treedef.unflatten([p[1] for p in flat]))
 
   def init_fn(params):
     del params
@@ -83,19 +85,14 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
   def update_fn(updates, state, params=None):
     del params
 
-    def project(u, seg, counts, frozen):
+    def project(u, seg, scale):
       if seg.ndim == 0 or isinstance(u, optax.MaskedNode):
         return u
-      n = counts.shape[0]
-      total = jax.ops.segment_sum(u.reshape(-1), seg.reshape(-1), n)
-      if reduce == "mean":
-        total = total / jnp.maximum(counts, 1.0)
-      shared = total[seg].astype(u.dtype)
-      return jnp.where(frozen, jnp.zeros_like(shared), shared)
+      total = jax.ops.segment_sum(u.reshape(-1), seg.reshape(-1), scale.shape[0])
+      return (total * scale)[seg].astype(u.dtype)
 
     masked = lambda x: isinstance(x, optax.MaskedNode)  # inside optax.masked
-    return jax.tree.map(project, updates, state.segments, state.counts, state.frozen,
-                        is_leaf=masked), state
+    return jax.tree.map(project, updates, state.segments, state.scale, is_leaf=masked), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
