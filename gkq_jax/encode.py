@@ -1,7 +1,7 @@
 """The compressed file: codebooks + Huffman-coded indices, with a checksum.
 
-Layout: ``MAGIC | u16 version | u32 header length | JSON header | sections |
-sha256 of everything before it``. Each leaf of the params tree is one entry:
+Layout: ``MAGIC | u16 version | u32 header length | zlib(JSON header) |
+sections | sha256 of everything before it``. Each leaf of the params tree is one entry:
 
   * ``raw``: the array's bytes (biases, norms, anything not clustered);
   * ``clustered``: the float32 codebook, and the indices coded the smallest of
@@ -21,6 +21,7 @@ import io
 import json
 import pathlib
 import struct
+import zlib
 from typing import Any
 
 import jax
@@ -72,7 +73,7 @@ def _relative_index(idx: np.ndarray, gap_bits: int):
 
 def _encode_stream(stream: dict, sections: _Sections) -> dict:
   return {"lengths": sections.add(stream["lengths"].astype(np.uint8).tobytes()),
-          "sync": sections.add(stream["sync"].astype("<u8").tobytes()),
+          "sync": sections.add(stream["sync"].astype("<u4").tobytes()),
           "data": sections.add(stream["data"]), "count": stream["count"]}
 
 
@@ -126,7 +127,7 @@ def save(path, tree: Any) -> tuple[int, dict]:
                       "shape": list(array.shape), "data": sections.add(array.tobytes())})
     coding = entries[-1]["indices"]["coding"] if entries[-1]["kind"] == "clustered" else "raw"
     sizes[name] = {"bytes": sections.buffer.tell() - before, "coding": coding}
-  header = json.dumps({"entries": entries}).encode()
+  header = zlib.compress(json.dumps({"entries": entries}, separators=(",", ":")).encode(), 9)
   body = (MAGIC + struct.pack("<HI", FORMAT_VERSION, len(header)) + header
           + sections.buffer.getvalue())
   data = body + hashlib.sha256(body).digest()
@@ -136,7 +137,7 @@ def save(path, tree: Any) -> tuple[int, dict]:
 
 def _decode_stream(spec: dict, section) -> np.ndarray:
   return huffman.decode(np.frombuffer(section(spec["lengths"]), np.uint8),
-                        np.frombuffer(section(spec["sync"]), "<u8"), section(spec["data"]),
+                        np.frombuffer(section(spec["sync"]), "<u4"), section(spec["data"]),
                         spec["count"])
 
 
@@ -170,7 +171,7 @@ def load(path) -> dict:
     raise CorruptFileError(f"{path} is truncated or corrupted (checksum mismatch); "
                            "write it again from the run's checkpoints.")
   start = len(MAGIC) + 6
-  header = json.loads(body[start:start + header_len])
+  header = json.loads(zlib.decompress(body[start:start + header_len]))
   base = start + header_len
 
   def section(span):

@@ -78,7 +78,9 @@ def encode(symbols: np.ndarray, alphabet: int) -> dict:
   data, nbits = pack(codes[symbols], lengths[symbols])
   offsets = np.concatenate([[0], np.cumsum(lengths[symbols].astype(np.int64))])[::SYNC][
       :(symbols.size + SYNC - 1) // SYNC]
-  return {"lengths": lengths, "sync": offsets.astype(np.uint64), "data": data,
+  if offsets.size and offsets[-1] >= 2 ** 32:
+    raise ValueError("a Huffman stream of more than 4 Gbit: split the array.")
+  return {"lengths": lengths, "sync": offsets.astype(np.uint32), "data": data,
           "count": int(symbols.size), "nbits": nbits}
 
 
@@ -109,4 +111,4 @@ def decode(lengths: np.ndarray, sync: np.ndarray, data: bytes, count: int) -> np
 
 def nbytes(stream: dict) -> int:
   """Bytes the stream takes in a file: code lengths, sync offsets, payload."""
-  return stream["lengths"].size + 8 * stream["sync"].size + len(stream["data"])
+  return stream["lengths"].size + 4 * stream["sync"].size + len(stream["data"])
