@@ -91,11 +91,16 @@ def plot(workdir: pathlib.Path, params: Any, quantized: Any, results: dict) -> l
 
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
   stages = list(results["accuracy"])
-  a1.bar(stages, [100 * results["accuracy"][s] for s in stages], color="tab:green")
+  values = [100 * results["accuracy"][s] for s in stages]
+  bars = a1.bar(stages, values, color="tab:green")
+  a1.bar_label(bars, fmt="%.2f", fontsize=8)
+  # Zoomed: the differences between stages are what the plot is for.
+  a1.set_ylim(max(0.0, min(values) - 2.0), min(100.0, max(values) + 1.0))
   a1.set(ylabel="test accuracy (%)", title="accuracy per stage")
   a1.tick_params(axis="x", rotation=30)
   sizes = {"fp32": results["fp32_bytes"], "compressed file": results["compressed_bytes"]}
-  a2.bar(list(sizes), [v / 1024 for v in sizes.values()], color="tab:purple")
+  size_bars = a2.bar(list(sizes), [v / 1024 for v in sizes.values()], color="tab:purple")
+  a2.bar_label(size_bars, fmt="%.1f", fontsize=8)
   a2.set(ylabel="KiB", title=f"size ({results['compression_ratio']:.1f}x smaller)")
   fig.tight_layout()
   fig.savefig(workdir / "stages.png", dpi=120)
