@@ -98,7 +98,7 @@ def prune_stage(ctx: Context, state, rules, teacher=None):
 
 def importance_of(ctx: Context, state, kind: str, num_batches: int):
   def loss_fn(params, batch):
-    logits, _ = train_lib._apply(state, params, batch[0], False)
+    logits, _ = train_lib.apply_model(state, params, batch[0], False)
     return train_lib.cross_entropy(logits, batch[1])
 
   batches = data_lib.train_batches(ctx.ds, ctx.config.batch_size, ctx.config.seed, 10_000)
@@ -124,8 +124,8 @@ def distillation_loss(state, teacher, weight: float, temperature: float = 4.0):
     return None
 
   def extra(params, x, logits):
-    teacher_logits, _ = train_lib._apply(state.replace(batch_stats=teacher["batch_stats"]),
-                                         teacher["params"], x, False)
+    teacher_state = state.replace(batch_stats=teacher["batch_stats"])
+    teacher_logits, _ = train_lib.apply_model(teacher_state, teacher["params"], x, False)
     p = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature)
     log_q = jax.nn.log_softmax(logits / temperature)
     return weight * temperature ** 2 * jnp.mean(jnp.sum(p * (jnp.log(p + 1e-12) - log_q), -1))

@@ -147,8 +147,8 @@ def compress(ctx, state, results) -> dict:
   file_params = gkq.dequantize(loaded["params"])
   file_state = state.replace(batch_stats=loaded.get("batch_stats"))
   x = ctx.ds.test_x[:config.eval_batch_size]
-  in_memory, _ = train_lib._apply(state, gkq.dequantize(q), x, False)
-  from_file, _ = train_lib._apply(file_state, file_params, x, False)
+  in_memory, _ = train_lib.apply_model(state, gkq.dequantize(q), x, False)
+  from_file, _ = train_lib.apply_model(file_state, file_params, x, False)
   if not np.array_equal(np.asarray(in_memory), np.asarray(from_file)):
     raise RuntimeError(f"{path}: logits of the decoded file differ from the in-memory model.")
   acc["compressed_file"] = ctx.evaluate(file_state, file_params)

@@ -43,7 +43,8 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def _apply(state, params, x, train, dropout_key=None):
+def apply_model(state, params, x, train, dropout_key=None):
+  """(logits, updated batch stats or None) of ``state``'s model with ``params``."""
   variables = {"params": params}
   if state.batch_stats is not None:
     variables["batch_stats"] = state.batch_stats
@@ -59,7 +60,7 @@ def train_step(state: TrainState, batch, dropout_key, extra_loss: Callable | Non
   x, y = batch
 
   def loss_fn(params):
-    logits, new_stats = _apply(state, params, x, True, dropout_key)
+    logits, new_stats = apply_model(state, params, x, True, dropout_key)
     loss = cross_entropy(logits, y)
     total = loss if extra_loss is None else loss + extra_loss(params, x, logits)
     return total, (loss, logits, new_stats)
@@ -75,7 +76,7 @@ def train_step(state: TrainState, batch, dropout_key, extra_loss: Callable | Non
 def eval_step(state: TrainState, params, batch):
   """Sums over the batch, so partial batches (weight 0 padding) add up exactly."""
   x, y, w = batch
-  logits, _ = _apply(state, params, x, False)
+  logits, _ = apply_model(state, params, x, False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
   return {"loss": jnp.sum(losses * w), "correct": jnp.sum((jnp.argmax(logits, -1) == y) * w),
           "count": jnp.sum(w)}
