@@ -96,26 +96,25 @@ def prune_stage(ctx: Context, state, rules, teacher=None):
   return state, masks
 
 
-def importance_of(ctx: Context, state, kind: str, num_batches: int):
+def importance_of(ctx: Context, state, kind: str):
+  """Importance of ``state.params`` from ``quantize.importance_batches`` batches."""
+
   def loss_fn(params, batch):
     logits, _ = train_lib.apply_model(state, params, batch[0], False)
     return train_lib.cross_entropy(logits, batch[1])
 
   batches = data_lib.train_batches(ctx.ds, ctx.config.batch_size, ctx.config.seed, 10_000)
-  limited = (b for i, b in zip(range(num_batches), batches))
+  limited = (b for _, b in zip(range(ctx.config.quantize.importance_batches), batches))
   return gkq.compute_importance(loss_fn, state.params, limited, kind)
 
 
-def quantize_params(ctx: Context, state, rules, masks, *, importance_kind=None, method=None,
-                    init=None, objective=None, granularity=None):
+def quantize_params(ctx: Context, state, rules, masks):
   q = ctx.config.quantize
-  imp = importance_of(ctx, state, importance_kind or q.importance, q.importance_batches)
-  if (importance_kind or q.importance) == "none":
-    imp = None
-  return gkq.quantize(state.params, imp, rules, granularity=granularity or q.granularity,
-                      masks=masks, key=jax.random.PRNGKey(ctx.config.seed),
-                      method=method or q.method, init=init or q.init,
-                      objective=objective or q.objective)
+  # importance "none" gives all ones: the same clustering as no importance.
+  imp = importance_of(ctx, state, q.importance)
+  return gkq.quantize(state.params, imp, rules, granularity=q.granularity, masks=masks,
+                      key=jax.random.PRNGKey(ctx.config.seed), method=q.method, init=q.init,
+                      objective=q.objective)
 
 
 def distillation_loss(state, teacher, weight: float, temperature: float = 4.0):

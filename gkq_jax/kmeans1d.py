@@ -144,18 +144,42 @@ def _init_linear(frame, k_active, K):
   return jnp.where((k_active == 1)[:, None], 0.0, c)
 
 
+def _interpolated_quantiles(mass, left, width, k_active, K):
+  """Points at cumulative fractions (k + 0.5) / k_g of ``mass`` (G, M), a
+  histogram of M bins of ``width`` from ``left``, interpolated inside bins."""
+  M = mass.shape[1]
+  cum = jnp.concatenate([jnp.zeros_like(mass[:, :1]), jnp.cumsum(mass, 1)], 1)
+  target = (jnp.arange(K)[None, :] + 0.5) / k_active[:, None] * cum[:, -1:]
+  idx = jnp.clip(jax.vmap(jnp.searchsorted)(cum[:, 1:], target), 0, M - 1)
+  below = jnp.take_along_axis(cum, idx, axis=1)
+  here = jnp.take_along_axis(mass, idx, axis=1)
+  frac = jnp.clip((target - below) / jnp.where(here > 0, here, 1.0), 0.0, 1.0)
+  return left + (idx + frac) * width
+
+
+def _bin_width(hist):
+  # From the outermost centres: neighbouring ones would lose precision when
+  # multiplied by a bin index in the tens of thousands.
+  B = hist.bin_centers.shape[1]
+  return (hist.bin_centers[:, -1:] - hist.bin_centers[:, :1]) / (B - 1)
+
+
+def _left_edge(hist):
+  return hist.bin_centers[:, :1] - _bin_width(hist) / 2
+
+
+def _coarsen(hist, M):
+  """(weight, moment, weighted mean or centre) of M bins merging the fine ones."""
+  G, B = hist.weight.shape
+  w = hist.weight.reshape(G, M, B // M).sum(-1)
+  m = hist.moment.reshape(G, M, B // M).sum(-1)
+  centres = hist.bin_centers.reshape(G, M, B // M).mean(-1)
+  return w, m, jnp.where(w > 0, m / jnp.where(w > 0, w, 1.0), centres)
+
+
 def _init_density(hist, k_active, K):
   """Weighted quantiles at (k + 0.5) / k_g, interpolated inside their bin."""
-  total = hist.cum_weight[:, -1:]
-  target = (jnp.arange(K)[None, :] + 0.5) / k_active[:, None] * total
-  B = hist.weight.shape[1]
-  idx = jnp.clip(jax.vmap(jnp.searchsorted)(hist.cum_weight[:, 1:], target), 0, B - 1)
-  below = jnp.take_along_axis(hist.cum_weight, idx, axis=1)
-  mass = jnp.take_along_axis(hist.weight, idx, axis=1)
-  frac = jnp.clip((target - below) / jnp.where(mass > 0, mass, 1.0), 0.0, 1.0)
-  width = hist.bin_centers[:, 1:2] - hist.bin_centers[:, 0:1]
-  left = jnp.take_along_axis(hist.bin_centers, idx, axis=1) - width / 2
-  return left + frac * width
+  return _interpolated_quantiles(hist.weight, _left_edge(hist), _bin_width(hist), k_active, K)
 
 
 _COMPANDING_BINS = 1024
@@ -170,19 +194,12 @@ def _init_companding(hist, k_active, K, objective):
   into the bulk and Lloyd needs thousands of steps to spread them out. A
   coarse histogram keeps the power law from amplifying sampling noise.
   """
-  G, B = hist.weight.shape
+  B = hist.weight.shape[1]
   M = min(B, _COMPANDING_BINS)
-  w = hist.weight.reshape(G, M, B // M).sum(-1)
+  w, _, _ = _coarsen(hist, M)
   dens = w ** (1 / 3 if objective == "l2" else 1 / 2)
-  cum = jnp.concatenate([jnp.zeros((G, 1)), jnp.cumsum(dens, 1)], 1)
-  target = (jnp.arange(K)[None, :] + 0.5) / k_active[:, None] * cum[:, -1:]
-  idx = jnp.clip(jax.vmap(jnp.searchsorted)(cum[:, 1:], target), 0, M - 1)
-  below = jnp.take_along_axis(cum, idx, axis=1)
-  mass = jnp.take_along_axis(dens, idx, axis=1)
-  frac = jnp.clip((target - below) / jnp.where(mass > 0, mass, 1.0), 0.0, 1.0)
-  width = (hist.bin_centers[:, -1:] - hist.bin_centers[:, :1]) * B / (B - 1) / M
-  left = hist.bin_centers[:, :1] - width * (M / B) / 2 + idx * width
-  return left + frac * width
+  return _interpolated_quantiles(dens, _left_edge(hist), _bin_width(hist) * (B // M),
+                                 k_active, K)
 
 
 def _init_forgy(key, xc, starts, sizes, K):
@@ -201,10 +218,7 @@ def _init_kmeanspp(key, hist, k_active, K):
   """
   G, B = hist.weight.shape
   coarse = min(B, _KMEANSPP_BINS)
-  w = hist.weight.reshape(G, coarse, B // coarse).sum(-1)
-  m = hist.moment.reshape(G, coarse, B // coarse).sum(-1)
-  pts = jnp.where(w > 0, m / jnp.where(w > 0, w, 1.0),
-                  hist.bin_centers.reshape(G, coarse, -1).mean(-1))
+  w, _, pts = _coarsen(hist, coarse)
   trials = 2 + int(np.log(max(K, 1)))
 
   def sample(key, p, n):
@@ -246,9 +260,7 @@ def _init_dp(hist, k_active, K):
   """
   G, B = hist.weight.shape
   M = min(B, _DP_BINS)
-  w = hist.weight.reshape(G, M, B // M).sum(-1)
-  s = hist.moment.reshape(G, M, B // M).sum(-1)
-  v = jnp.where(w > 0, s / jnp.where(w > 0, w, 1.0), 0.0)
+  w, _, v = _coarsen(hist, M)
   zero = jnp.zeros((G, 1))
   p0 = jnp.concatenate([zero, jnp.cumsum(w, 1)], 1)
   p1 = jnp.concatenate([zero, jnp.cumsum(w * v, 1)], 1)
@@ -528,7 +540,7 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     num_clusters: an int for every group, or one int per group.
     method: "hist" (default), "lloyd" or "exact"; see the module docstring.
     init: "dp" (default: the optimal partition of a coarse 256-bin histogram;
-      "companding" when K > 32), "companding" (quantiles of density^(1/3), the
+      greedy "kmeans++" when K > 32), "companding" (quantiles of density^(1/3), the
       asymptotically optimal spacing), "density" (weighted quantiles),
       "linear" (min..max), "forgy" (random members) or "kmeans++"
       (importance-weighted D^2 sampling). Ignored by method="exact".

@@ -170,14 +170,13 @@ def sensitivity(ctx, state, results) -> dict:
   selected = compress_lib.selected_leaves(state.params, rules)
   paths = [rules_lib.path_string(p) for p, use in
            jax.tree_util.tree_flatten_with_path(selected)[0] if use]
-  imp = compress_lib.importance_of(ctx, state, ctx.config.quantize.importance,
-                                   ctx.config.quantize.importance_batches)
+  imp = compress_lib.importance_of(ctx, state, ctx.config.quantize.importance)
   rows = []
   for path in paths:
     for bits in ctx.config.sensitivity.bits:
       rule = [rules_lib.bits_rule("^" + re.escape(path) + "$", int(bits))]
-      q = gkq.quantize(state.params, imp if ctx.config.quantize.importance != "none" else None,
-                       rule, method=ctx.config.quantize.method, init=ctx.config.quantize.init)
+      q = gkq.quantize(state.params, imp, rule, method=ctx.config.quantize.method,
+                       init=ctx.config.quantize.init)
       rows.append({"layer": path, "bits": int(bits),
                    "clusters": 2 ** int(bits),
                    "test_accuracy": ctx.evaluate(state, gkq.dequantize(q))})
@@ -223,15 +222,14 @@ COMPARE_METHODS = {
 def compare(ctx, state, results) -> dict:
   """Accuracy of each quantization method at equal bits, before / after fine-tuning."""
   base_params = state.params
+  # One importance per kind, shared by every bit width (all ones for "none").
+  importances = {kind: compress_lib.importance_of(ctx, state, kind)
+                 for kind in {m[0] for m in COMPARE_METHODS.values()}}
   rows = []
   for bits in ctx.config.compare.bits:
     rules = [rules_lib.bits_rule(r"(^|/)kernel$", int(bits))]
     for name, (importance, method, init, max_iter) in COMPARE_METHODS.items():
-      imp = None
-      if importance != "none":
-        imp = compress_lib.importance_of(ctx, state.replace(params=base_params), importance,
-                                         ctx.config.quantize.importance_batches)
-      q = gkq.quantize(base_params, imp, rules, method=method, init=init, max_iter=max_iter,
+      q = gkq.quantize(base_params, importances[importance], rules, method=method, init=init, max_iter=max_iter,
                        key=jax.random.PRNGKey(ctx.config.seed))
       before = ctx.evaluate(state, gkq.dequantize(q))
       stage = f"compare_{name.replace(' ', '_')}_{bits}bit"
