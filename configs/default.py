@@ -39,5 +39,7 @@ def get_config():
   c.sensitivity = ml_collections.ConfigDict(dict(bits=(1, 2, 4, 8)))
   c.compare = ml_collections.ConfigDict(dict(bits=(2, 3, 4), finetune_epochs=1))
   c.mlp = ml_collections.ConfigDict(dict(hidden=(300, 100), norm_every=0, dropout=0.5))
-  c.resnet = ml_collections.ConfigDict(dict(stem="cifar", width=64))
+  c.resnet = ml_collections.ConfigDict(dict(
+      stem="cifar", width=64,
+      dtype="float32"))  # compute type; "bfloat16" = mixed precision on GPU / TPU
   return c

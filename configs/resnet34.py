@@ -15,10 +15,11 @@ def get_config(variant: str = ""):
   c.learning_rate = 0.05
   if variant == "cifar10":
     c.dataset = "folder:../shared/datasets/cifar10-jpg.tar.gz"
-    c.num_epochs = 60
+    c.num_epochs = 40
     c.batch_size = 256
     c.learning_rate = 0.1
     c.augment = True
+    c.resnet.dtype = "bfloat16"  # mixed precision: about 2x faster on a GPU, fp32 weights
   elif variant == "smoke":
     c.model = "resnet_tiny"
     c.num_epochs = 1

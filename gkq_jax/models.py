@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -55,51 +55,63 @@ class LeNet5(nn.Module):
 class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
-    y = nn.Conv(self.filters, (3, 3), self.strides, use_bias=False)(x)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    y = conv(self.filters, (3, 3), self.strides)(x)
     y = nn.relu(norm()(y))
-    y = nn.Conv(self.filters, (3, 3), use_bias=False)(y)
+    y = conv(self.filters, (3, 3))(y)
     y = norm(scale_init=nn.initializers.zeros)(y)
     if x.shape[-1] != self.filters or self.strides != 1:
-      x = nn.Conv(self.filters, (1, 1), self.strides, use_bias=False, name="shortcut")(x)
+      x = conv(self.filters, (1, 1), self.strides, name="shortcut")(x)
       x = norm(name="shortcut_norm")(x)
     return nn.relu(x + y)
 
 
 class ResNet(nn.Module):
   """ResNet of basic blocks. ``stem="cifar"``: 3x3 conv, stride 1, no max-pool
-  (the seed's ResNet-34); ``stem="imagenet"``: 7x7 stride 2 + max-pool."""
+  (the seed's ResNet-34); ``stem="imagenet"``: 7x7 stride 2 + max-pool.
+
+  ``dtype`` is the compute type: ``jnp.bfloat16`` runs convolutions and
+  activations in bf16 (mixed precision) while parameters, batch statistics
+  and logits stay float32, so quantization and the saved file see fp32.
+  """
 
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   width: int = 64
   num_classes: int = 10
   stem: str = "cifar"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
     if self.stem == "imagenet":
-      x = nn.Conv(self.width, (7, 7), 2, use_bias=False, name="stem")(x)
+      x = conv(self.width, (7, 7), 2, name="stem")(x)
       x = nn.relu(norm(name="stem_norm")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
     else:
-      x = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+      x = conv(self.width, (3, 3), name="stem")(x)
       x = nn.relu(norm(name="stem_norm")(x))
     for stage, blocks in enumerate(self.stage_sizes):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(self.width * 2 ** stage, strides)(x, train)
-    x = jnp.mean(x, axis=(1, 2))
+        x = BasicBlock(self.width * 2 ** stage, strides, self.dtype)(x, train)
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-def ResNet34(num_classes: int = 10, stem: str = "cifar", width: int = 64) -> ResNet:
-  return ResNet((3, 4, 6, 3), width, num_classes, stem)
+def ResNet34(num_classes: int = 10, stem: str = "cifar", width: int = 64,
+             dtype: Any = jnp.float32) -> ResNet:
+  return ResNet((3, 4, 6, 3), width, num_classes, stem, dtype)
 
 
-def ResNetTiny(num_classes: int = 10, stem: str = "cifar") -> ResNet:
+def ResNetTiny(num_classes: int = 10, stem: str = "cifar", dtype: Any = jnp.float32) -> ResNet:
   """Same code path as ResNet-34 at a size that compiles in seconds (tests)."""
-  return ResNet((1, 1), 8, num_classes, stem)
+  return ResNet((1, 1), 8, num_classes, stem, dtype)

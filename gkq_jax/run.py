@@ -18,6 +18,7 @@ import pathlib
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -41,10 +42,15 @@ def create_model(config, num_classes: int):
                       config.mlp.dropout)
   if config.model == "lenet5":
     return models.LeNet5(num_classes)
-  if config.model == "resnet34":
-    return models.ResNet34(num_classes, config.resnet.stem, config.resnet.width)
-  if config.model == "resnet_tiny":
-    return models.ResNetTiny(num_classes, config.resnet.stem)
+  if config.model in ("resnet34", "resnet_tiny"):
+    name = config.resnet.get("dtype", "float32")
+    if name not in ("float32", "bfloat16"):
+      raise ValueError(f"config.resnet.dtype={name!r}: use 'float32' or 'bfloat16' "
+                       "(mixed precision: bf16 compute, fp32 parameters).")
+    dtype = jnp.dtype(name)
+    if config.model == "resnet34":
+      return models.ResNet34(num_classes, config.resnet.stem, config.resnet.width, dtype)
+    return models.ResNetTiny(num_classes, config.resnet.stem, dtype)
   raise ValueError(f"config.model={config.model!r} is not one of {MODELS}.")
 
 
