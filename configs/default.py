@@ -17,6 +17,8 @@ def get_config():
   c.warmup_epochs = 1.0
   c.image_size = 0  # resize images to this square size (0: as they are)
   c.augment = False  # random crop (pad 4) + horizontal flip
+  c.cutout = 0  # with augment: side of a random square set to 0 (16 for CIFAR-10)
+  c.label_smoothing = 0.0  # of the training loss (evaluation uses the plain loss)
   c.seed = 0
   c.log_every = 50
   c.distributed = False  # jax.distributed.initialize() for multi-host runs

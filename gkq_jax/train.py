@@ -39,7 +39,10 @@ class NonFiniteLossError(FloatingPointError):
 # ------------------------------------------------------------------- pure steps
 
 
-def cross_entropy(logits, labels):
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  if label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -55,13 +58,14 @@ def apply_model(state, params, x, train, dropout_key=None):
   return state.apply_fn(variables, x, train=False), None
 
 
-def train_step(state: TrainState, batch, dropout_key, extra_loss: Callable | None = None):
+def train_step(state: TrainState, batch, dropout_key, extra_loss: Callable | None = None,
+               label_smoothing: float = 0.0):
   """One optimiser step; returns the new state and {loss, accuracy}."""
   x, y = batch
 
   def loss_fn(params):
     logits, new_stats = apply_model(state, params, x, True, dropout_key)
-    loss = cross_entropy(logits, y)
+    loss = cross_entropy(logits, y, label_smoothing)
     total = loss if extra_loss is None else loss + extra_loss(params, x, logits)
     return total, (loss, logits, new_stats)
 
@@ -209,7 +213,8 @@ def fit(state: TrainState, ds: data_lib.Dataset, config, *, num_epochs: int,
   state = mesh.replicate(jax.tree.map(lambda x: jnp.array(x, copy=True), state))
 
   def step_fn(state, batch, key):
-    state, metrics = train_step(state, batch, key, extra_loss)
+    state, metrics = train_step(state, batch, key, extra_loss,
+                                config.get("label_smoothing", 0.0))
     if after_step is not None:
       state = after_step(state)
     return state, metrics
@@ -221,8 +226,9 @@ def fit(state: TrainState, ds: data_lib.Dataset, config, *, num_epochs: int,
     for epoch in range(start_epoch, num_epochs):
       t0 = time.perf_counter()
       pending, epoch_losses, accs = [], [], []
-      for i, (x, y) in enumerate(data_lib.train_batches(ds, batch, config.seed, epoch,
-                                                        config.augment)):
+      batches = data_lib.train_batches(ds, batch, config.seed, epoch, config.augment,
+                                       cutout=config.get("cutout", 0))
+      for i, (x, y) in enumerate(batches):
         global_step = epoch * steps_per_epoch + i
         key = jax.random.fold_in(base_key, global_step)
         state, metrics = step(state, mesh.put_batch((x, y)), key)

@@ -46,10 +46,10 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
   real_batches = data_lib.train_batches
 
-  def dies_in_epoch_two(ds, batch_size, seed, epoch, use_augment=False):
+  def dies_in_epoch_two(ds, batch_size, seed, epoch, *args, **kwargs):
     if epoch == 1:
       raise KeyboardInterrupt("simulated kill")
-    return real_batches(ds, batch_size, seed, epoch, use_augment)
+    return real_batches(ds, batch_size, seed, epoch, *args, **kwargs)
 
   monkeypatch.setattr(data_lib, "train_batches", dies_in_epoch_two)
   with pytest.raises(KeyboardInterrupt):
