@@ -15,7 +15,7 @@ def get_config(variant: str = ""):
   c.learning_rate = 0.05
   if variant == "cifar10":
     c.dataset = "folder:../shared/datasets/cifar10-jpg.tar.gz"
-    c.num_epochs = 80
+    c.num_epochs = 90
     c.batch_size = 256
     c.learning_rate = 0.1
     c.augment = True

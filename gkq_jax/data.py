@@ -203,39 +203,15 @@ def load(spec: str, image_size: int | None = None) -> Dataset:
   return Dataset(tx, ty, vx, vy, n, spec)
 
 
-def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 4,
-            cutout: int = 0) -> np.ndarray:
-  """Random crop after zero padding, random horizontal flip, and (``cutout`` > 0)
-  one ``cutout`` x ``cutout`` square set to 0 (the mean after normalisation) at a
-  random centre, clipped at the border (DeVries & Taylor, 2017)."""
-  n, h, w, _ = images.shape
-  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
-  rows = dy[:, None] + np.arange(h)[None]
-  cols = dx[:, None] + np.arange(w)[None]
-  out = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-  flip = rng.random(n) < 0.5
-  out[flip] = out[flip, :, ::-1]
-  if cutout > 0:
-    cy, cx = rng.integers(0, h, n), rng.integers(0, w, n)
-    top, left = cy - cutout // 2, cx - cutout // 2
-    in_rows = (np.arange(h)[None] >= top[:, None]) & (np.arange(h)[None] < top[:, None] + cutout)
-    in_cols = (np.arange(w)[None] >= left[:, None]) & (np.arange(w)[None] < left[:, None] + cutout)
-    out[in_rows[:, :, None] & in_cols[:, None, :]] = 0
-  return out
-
-
-def train_batches(ds: Dataset, batch_size: int, seed: int, epoch: int,
-                  use_augment: bool = False, cutout: int = 0
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def train_batches(ds: Dataset, batch_size: int, seed: int,
+                  epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """One epoch of shuffled full batches; the order depends only on (seed, epoch),
   so a resumed run sees exactly the batches an uninterrupted one would."""
   rng = np.random.default_rng([seed, epoch])
   order = rng.permutation(len(ds.train_x))
   for start in range(0, len(order) - batch_size + 1, batch_size):
     idx = order[start:start + batch_size]
-    x = ds.train_x[idx]
-    yield (augment(x, rng, cutout=cutout) if use_augment else x), ds.train_y[idx]
+    yield ds.train_x[idx], ds.train_y[idx]
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):

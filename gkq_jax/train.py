@@ -25,6 +25,7 @@ from absl import logging
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gkq_jax import augment as augment_lib
 from gkq_jax import data as data_lib
 
 
@@ -213,6 +214,10 @@ def fit(state: TrainState, ds: data_lib.Dataset, config, *, num_epochs: int,
   state = mesh.replicate(jax.tree.map(lambda x: jnp.array(x, copy=True), state))
 
   def step_fn(state, batch, key):
+    if config.augment:
+      x, y = batch
+      batch = (augment_lib.crop_flip_cutout(jax.random.fold_in(key, 1), x,
+                                            cutout=config.get("cutout", 0)), y)
     state, metrics = train_step(state, batch, key, extra_loss,
                                 config.get("label_smoothing", 0.0))
     if after_step is not None:
@@ -226,9 +231,7 @@ def fit(state: TrainState, ds: data_lib.Dataset, config, *, num_epochs: int,
     for epoch in range(start_epoch, num_epochs):
       t0 = time.perf_counter()
       pending, epoch_losses, accs = [], [], []
-      batches = data_lib.train_batches(ds, batch, config.seed, epoch, config.augment,
-                                       cutout=config.get("cutout", 0))
-      for i, (x, y) in enumerate(batches):
+      for i, (x, y) in enumerate(data_lib.train_batches(ds, batch, config.seed, epoch)):
         global_step = epoch * steps_per_epoch + i
         key = jax.random.fold_in(base_key, global_step)
         state, metrics = step(state, mesh.put_batch((x, y)), key)

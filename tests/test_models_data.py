@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from gkq_jax import augment as augment_lib
 from gkq_jax import data as data_lib
 from gkq_jax import models
 
@@ -112,12 +113,35 @@ def test_tfds_source_with_mock_data():
   assert ds.train_x.shape[1:] == (28, 28, 1) and ds.num_classes == 10
 
 
-def test_batches_are_deterministic_and_augment_keeps_shape():
+def test_batches_are_deterministic():
   ds = data_lib.load("digits")
-  a = list(data_lib.train_batches(ds, 100, seed=3, epoch=2, use_augment=True))
-  b = list(data_lib.train_batches(ds, 100, seed=3, epoch=2, use_augment=True))
+  a = list(data_lib.train_batches(ds, 100, seed=3, epoch=2))
+  b = list(data_lib.train_batches(ds, 100, seed=3, epoch=2))
+  c = list(data_lib.train_batches(ds, 100, seed=3, epoch=3))
   assert len(a) == len(ds.train_x) // 100
   np.testing.assert_array_equal(a[0][0], b[0][0])
+  assert not np.array_equal(a[0][0], c[0][0])
   assert a[0][0].shape == (100, 8, 8, 1)
   weights = np.concatenate([w for _, _, w in data_lib.eval_batches(ds.test_x, ds.test_y, 100)])
   assert weights.sum() == len(ds.test_x)
+
+
+def test_augment_crops_flips_and_cuts_out():
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(64, 12, 10, 2)).astype(np.float32)) + 10.0
+  key = jax.random.PRNGKey(1)
+  out = np.asarray(augment_lib.crop_flip_cutout(key, images, pad=2))
+  np.testing.assert_array_equal(out, augment_lib.crop_flip_cutout(key, images, pad=2))
+  assert out.shape == images.shape
+  padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+  for i in range(len(out)):  # each output is one crop of the padded image, maybe mirrored
+    windows = [padded[i, dy:dy + 12, dx:dx + 10] for dy in range(5) for dx in range(5)]
+    assert any(np.array_equal(out[i], win) or np.array_equal(out[i], win[:, ::-1])
+               for win in windows), i
+  no_crop = np.asarray(augment_lib.crop_flip_cutout(key, images, pad=0))
+  flipped = [not np.array_equal(o, im) for o, im in zip(no_crop, np.asarray(images))]
+  assert 10 < sum(flipped) < 54  # about half are mirrored
+  cut = np.asarray(augment_lib.crop_flip_cutout(key, images, pad=0, cutout=4))
+  zeros = (cut[..., 0] == 0).sum(axis=(1, 2))  # the images hold no zeros before
+  assert zeros.max() == 16 and zeros.min() >= 4  # a 4x4 square, clipped at the border
+  np.testing.assert_array_equal(cut[cut != 0], no_crop[cut != 0])
