@@ -155,14 +155,19 @@ def _folder(spec: str):
 
 
 def _tfds(name: str):
-  import tensorflow_datasets as tfds
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise DataError(f"tfds:{name} needs tensorflow-datasets, which cannot be imported here "
+                    f"({e}); pip install tensorflow-datasets, or use an idx: or folder: "
+                    "dataset spec.") from None
   try:
     builder = tfds.builder(name)
     sources = {s: tfds.data_source(name, split=s) for s in ("train", "test")}
   except Exception as e:  # tfds raises many types for missing / unknown data
     raise DataError(
         f"tfds:{name} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
-        f"Prepare it once on a machine with internet: pip install 'gkq_jax[tf]' && "
+        f"Prepare it once on a machine with internet: pip install tensorflow && "
         f"tfds build {name} (data goes to ~/tensorflow_datasets or $TFDS_DATA_DIR).") from None
   arrays = []
   for split in ("train", "test"):

@@ -1,6 +1,7 @@
 import gzip
 import pathlib
 import struct
+import sys
 import tarfile
 
 import jax
@@ -96,11 +97,17 @@ def test_folder_reader_split_dirs_archive_and_mixed_sizes(tmp_path, monkeypatch)
     ("mnist", "unknown dataset spec 'mnist'"),
     ("idx:/nonexistent/dir", "does not exist"),
     ("folder:/nonexistent/dir", "does not exist"),
-    ("tfds:surely_not_a_dataset_name", "could not be read"),
+    ("tfds:surely_not_a_dataset_name", "could not be read|needs tensorflow-datasets"),
 ])
 def test_bad_dataset_specs(spec, match):
   with pytest.raises(data_lib.DataError, match=match):
     data_lib.load(spec)
+
+
+def test_tfds_spec_without_tensorflow_datasets_says_what_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import raises ImportError
+  with pytest.raises(data_lib.DataError, match="pip install tensorflow-datasets"):
+    data_lib.load("tfds:mnist")
 
 
 def test_tfds_source_with_mock_data():
