@@ -36,6 +36,19 @@ def test_resnet_stems_and_tiny_variant_run():
     assert model.apply(variables, jnp.ones((2, 16, 16, 3))).shape == (2, 10)
 
 
+def test_bfloat16_compute_keeps_fp32_params_and_logits():
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  full = models.ResNetTiny(10)
+  mixed = models.ResNetTiny(10, dtype=jnp.bfloat16)
+  variables = full.init(jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(mixed.init(jax.random.PRNGKey(0), x))
+  out32, stats32 = full.apply(variables, x, train=True, mutable=["batch_stats"])
+  out16, stats16 = mixed.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert out16.dtype == jnp.float32
+  assert {a.dtype for a in jax.tree.leaves(stats16)} == {jnp.dtype(jnp.float32)}
+  np.testing.assert_allclose(out16, out32, atol=0.05 * float(jnp.abs(out32).max()))
+
+
 def test_digits_is_offline_and_deterministic():
   a, b = data_lib.load("digits"), data_lib.load("digits")
   assert a.train_x.shape == (1438, 8, 8, 1) and a.test_x.shape == (359, 8, 8, 1)

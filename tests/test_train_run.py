@@ -36,12 +36,15 @@ def test_full_run_on_digits_learns(tmp_path):
 
 def test_resnet_and_lenet_smoke_runs(tmp_path):
   for module in (resnet34_config, lenet5_config):
-    results = run_lib.run(smoke(module), tmp_path / module.__name__)
+    config = smoke(module, augment=True, cutout=4, label_smoothing=0.1)
+    config.resnet.dtype = "bfloat16"  # mixed precision; LeNet-5 ignores it
+    results = run_lib.run(config, tmp_path / module.__name__)
     assert 0.0 <= results["accuracy"]["baseline"] <= 1.0
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-  config = smoke(num_epochs=3)
+  # Augmentation draws from the step's key, so a resumed run sees the same images.
+  config = smoke(num_epochs=3, augment=True, cutout=2, label_smoothing=0.1)
   straight = run_lib.run(config, tmp_path / "straight")
 
   real_batches = data_lib.train_batches
@@ -61,6 +64,17 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
   assert resumed["baseline_test_loss"] == pytest.approx(straight["baseline_test_loss"], rel=1e-5)
 
 
+def test_label_smoothing_loss():
+  logits = np.asarray([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], np.float32)
+  labels = np.asarray([0, 2])
+  plain = train_lib.cross_entropy(logits, labels)
+  assert float(train_lib.cross_entropy(logits, labels, 0.0)) == float(plain)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  targets = 0.9 * np.eye(3)[labels] + 0.1 / 3
+  expected = -(targets * log_p).sum(-1).mean()
+  np.testing.assert_allclose(train_lib.cross_entropy(logits, labels, 0.1), expected, rtol=1e-6)
+
+
 def test_nan_guard_names_the_step(tmp_path):
   with pytest.raises(train_lib.NonFiniteLossError, match=r"at step \d+"):
     run_lib.run(smoke(learning_rate=1e9, optimizer="sgd", warmup_epochs=0.0), tmp_path)
@@ -75,6 +89,10 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     run_lib.run(smoke(), blocker / "sub")
   with pytest.raises(ValueError, match="unknown variant"):
     mlp_config.get_config("fashion")
+  config = smoke(resnet34_config)
+  config.resnet.dtype = "float16"
+  with pytest.raises(ValueError, match="'float32' or 'bfloat16'"):
+    run_lib.run(config, tmp_path / "b")
 
 
 SCRIPT = """
