@@ -37,14 +37,10 @@ CASES = {
 }
 
 
-def _is_clustered(leaf):
-  return isinstance(leaf, gkq.ClusteredArray)
-
-
 def codebook_apply(model, q):
   """An apply_fn whose "params" are the codebooks of ``q`` (and its plain leaves)."""
-  indices = jax.tree.map(lambda l: l.indices if _is_clustered(l) else None, q,
-                         is_leaf=_is_clustered)
+  indices = jax.tree.map(lambda l: l.indices if gkq.is_clustered(l) else None, q,
+                         is_leaf=gkq.is_clustered)
 
   def apply_fn(variables, x, **kwargs):
     dense = jax.tree.map(lambda c, i: c if i is None else c[0][i], variables["params"],
@@ -67,8 +63,8 @@ def make_step(model, shape, kind: str):
     tx = optax.chain(tx, share.share_centroids(q))
   if kind == "codebooks":
     apply_fn = codebook_apply(model, q)
-    params = jax.tree.map(lambda l: l.codebook if _is_clustered(l) else l, q,
-                          is_leaf=_is_clustered)
+    params = jax.tree.map(lambda l: l.codebook if gkq.is_clustered(l) else l, q,
+                          is_leaf=gkq.is_clustered)
     tx = optax.sgd(0.01, momentum=0.9)
   state = train.TrainState.create(apply_fn=apply_fn, params=params, tx=tx,
                                   batch_stats=variables.get("batch_stats"))

@@ -7,7 +7,7 @@ from gkq_jax.kmeans1d import Clustering, grouped_kmeans_1d, kmeans_1d, weighted_
 from gkq_jax.kmeans_vectors import kmeans_vectors
 from gkq_jax.prune import apply_masks, keep_pruned, magnitude_masks
 from gkq_jax.quantize import (GRANULARITIES, ClusteredArray, clustered_leaves, dequantize,
-                              quantize)
+                              is_clustered, quantize)
 from gkq_jax.rules import DEFAULT_RULES, ClusterRule, bits_rule
 from gkq_jax.share import refresh_codebooks, share_centroids
 
@@ -15,6 +15,6 @@ __all__ = [
     "CorruptFileError", "load", "save", "optimal_centroids", "IMPORTANCE_KINDS",
     "compute_importance", "Clustering", "grouped_kmeans_1d", "kmeans_1d", "weighted_error",
     "kmeans_vectors", "apply_masks", "keep_pruned", "magnitude_masks", "GRANULARITIES",
-    "ClusteredArray", "clustered_leaves", "dequantize", "quantize", "DEFAULT_RULES",
+    "ClusteredArray", "clustered_leaves", "dequantize", "is_clustered", "quantize", "DEFAULT_RULES",
     "ClusterRule", "bits_rule", "refresh_codebooks", "share_centroids",
 ]

@@ -29,7 +29,7 @@ import numpy as np
 
 from gkq_jax import huffman
 from gkq_jax import rules as rules_lib
-from gkq_jax.quantize import ClusteredArray
+from gkq_jax.quantize import ClusteredArray, is_clustered
 
 MAGIC = b"GKQJAX\0"
 FORMAT_VERSION = 1
@@ -104,12 +104,12 @@ def save(path, tree: Any) -> tuple[int, dict]:
   take and how its indices were coded.
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: isinstance(x, ClusteredArray))
+      tree, is_leaf=is_clustered)
   sections, entries, sizes = _Sections(), [], {}
   for key_path, leaf in flat:
     name = rules_lib.path_string(key_path)
     before = sections.buffer.tell()
-    if isinstance(leaf, ClusteredArray):
+    if is_clustered(leaf):
       book = np.asarray(leaf.codebook, np.float32)
       idx = np.asarray(leaf.indices).reshape(-1).astype(np.int64)
       k = book.shape[0] if leaf.vector_shape else book.shape[-1]

@@ -52,6 +52,14 @@ class LeNet5(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+def _conv_and_norm(dtype, train: bool):
+  """The ResNet's bias-free convolution and its BatchNorm, computing in ``dtype``."""
+  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype)
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           dtype=dtype)
+  return conv, norm
+
+
 class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
@@ -59,9 +67,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             dtype=self.dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv, norm = _conv_and_norm(self.dtype, train)
     y = conv(self.filters, (3, 3), self.strides)(x)
     y = nn.relu(norm()(y))
     y = conv(self.filters, (3, 3))(y)
@@ -89,16 +95,12 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             dtype=self.dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-    if self.stem == "imagenet":
-      x = conv(self.width, (7, 7), 2, name="stem")(x)
-      x = nn.relu(norm(name="stem_norm")(x))
+    conv, norm = _conv_and_norm(self.dtype, train)
+    imagenet = self.stem == "imagenet"
+    x = conv(self.width, (7, 7) if imagenet else (3, 3), 2 if imagenet else 1, name="stem")(x)
+    x = nn.relu(norm(name="stem_norm")(x))
+    if imagenet:
       x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
-    else:
-      x = conv(self.width, (3, 3), name="stem")(x)
-      x = nn.relu(norm(name="stem_norm")(x))
     for stage, blocks in enumerate(self.stage_sizes):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1

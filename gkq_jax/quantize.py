@@ -71,7 +71,8 @@ class ClusteredArray:
     return self.codebook.reshape(-1)[idx + jnp.arange(C, dtype=jnp.int32) * k]
 
 
-def _is_clustered(x) -> bool:
+def is_clustered(x) -> bool:
+  """True for a ClusteredArray leaf (an ``is_leaf`` for tree maps over quantized trees)."""
   return isinstance(x, ClusteredArray)
 
 
@@ -81,8 +82,8 @@ def index_dtype(num_clusters: int):
 
 def dequantize(tree: Any) -> Any:
   """Replaces every :class:`ClusteredArray` by its dense array."""
-  return jax.tree.map(lambda x: x.dequantize() if _is_clustered(x) else x, tree,
-                      is_leaf=_is_clustered)
+  return jax.tree.map(lambda x: x.dequantize() if is_clustered(x) else x, tree,
+                      is_leaf=is_clustered)
 
 
 def _combined_budget(sizes: Sequence[int], ks: Sequence[int], budget: int | None):
@@ -242,5 +243,5 @@ def _cluster_vectors(path, leaf, imp, k, key, options):
 
 def clustered_leaves(tree: Any) -> list[tuple[str, ClusteredArray]]:
   """(path, ClusteredArray) for every clustered leaf, in tree order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_clustered)
-  return [(rules_lib.path_string(p), leaf) for p, leaf in flat if _is_clustered(leaf)]
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_clustered)
+  return [(rules_lib.path_string(p), leaf) for p, leaf in flat if is_clustered(leaf)]

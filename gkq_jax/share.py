@@ -20,14 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gkq_jax.quantize import ClusteredArray
+from gkq_jax.quantize import ClusteredArray, is_clustered
 
 REDUCTIONS = ("mean", "sum")
 _PLAIN = -1  # segment marker of a leaf that is not clustered
-
-
-def _is_clustered(x):
-  return isinstance(x, ClusteredArray)
 
 
 def cluster_segments(leaf: ClusteredArray) -> tuple[jax.Array, int]:
@@ -62,7 +58,7 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
     raise ValueError(f"reduce={reduce!r} is not one of {REDUCTIONS}.")
 
   def leaf_state(leaf):
-    if not _is_clustered(leaf):
+    if not is_clustered(leaf):
       return jnp.full((), _PLAIN, jnp.int32), jnp.zeros((), jnp.float32)
     seg, n = cluster_segments(leaf)
     counts = jax.ops.segment_sum(jnp.ones(seg.size, jnp.float32), seg.reshape(-1), n)
@@ -72,8 +68,8 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
       scale = scale.at[::leaf.codebook.shape[-1]].set(0.0)
     return seg, scale
 
-  pairs = jax.tree.map(leaf_state, quantized, is_leaf=_is_clustered)
-  treedef = jax.tree.structure(quantized, is_leaf=_is_clustered)
+  pairs = jax.tree.map(leaf_state, quantized, is_leaf=is_clustered)
+  treedef = jax.tree.structure(quantized, is_leaf=is_clustered)
   flat = treedef.flatten_up_to(pairs)
   state = ShareCentroidsState(treedef.unflatten([p[0] for p in flat]),
                               treedef.unflatten([p[1] for p in flat]))
@@ -102,7 +98,7 @@ def refresh_codebooks(quantized: Any, params: Any) -> Any:
   fine-tuned dense ``params`` (every member of a cluster holds its value)."""
 
   def refresh(leaf, dense):
-    if not _is_clustered(leaf):
+    if not is_clustered(leaf):
       return dense
     seg, n = cluster_segments(leaf)
     values = jax.ops.segment_max(dense.reshape(-1), seg.reshape(-1), n)
@@ -110,4 +106,4 @@ def refresh_codebooks(quantized: Any, params: Any) -> Any:
     book = jnp.where(counts > 0, values, leaf.codebook.reshape(-1)).reshape(leaf.codebook.shape)
     return leaf.replace(codebook=book.astype(leaf.codebook.dtype))
 
-  return jax.tree.map(refresh, quantized, params, is_leaf=_is_clustered)
+  return jax.tree.map(refresh, quantized, params, is_leaf=is_clustered)
