@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import gkq_jax as gkq  # noqa: E402
-from gkq_jax.models import ResNet34  # noqa: E402
+from gkq_jax.job.models import ResNet34  # noqa: E402
 
 
 def resnet34_kernels():

@@ -6,7 +6,7 @@ import ml_collections
 def get_config():
   c = ml_collections.ConfigDict()
   c.model = "resnet34"
-  c.dataset = "digits"  # offline default; see gkq_jax/data.py for the specs
+  c.dataset = "digits"  # offline default; see gkq_jax/job/data.py for the specs
   c.num_epochs = 10
   c.batch_size = 64
   c.eval_batch_size = 256

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from gkq_jax import huffman
-from gkq_jax import rules as rules_lib
+from gkq_jax._paths import named_leaves
 from gkq_jax.quantize import ClusteredArray, is_clustered
 
 MAGIC = b"GKQJAX\0"
@@ -103,11 +103,8 @@ def save(path, tree: Any) -> tuple[int, dict]:
   Returns the file size in bytes and, per leaf path, the bytes its sections
   take and how its indices were coded.
   """
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=is_clustered)
   sections, entries, sizes = _Sections(), [], {}
-  for key_path, leaf in flat:
-    name = rules_lib.path_string(key_path)
+  for name, leaf in named_leaves(tree, is_leaf=is_clustered):
     before = sections.buffer.tell()
     if is_clustered(leaf):
       book = np.asarray(leaf.codebook, np.float32)

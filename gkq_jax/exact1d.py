@@ -177,7 +177,7 @@ def optimal_centroids(x, h, group_sizes: Sequence[int], k_active, *, K: int,
   return out.astype(np.float32)
 
 
-def optimal_centroids_callback(xc, h, group_sizes, k_active, K, objective, bins,
+def _optimal_centroids_callback(xc, h, group_sizes, k_active, K, objective, bins,
                                exact_max_points):
   """:func:`optimal_centroids` as a host callback usable under ``jax.jit``."""
   fn = functools.partial(optimal_centroids, K=K, objective=objective, bins=bins,

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gkq_jax.kmeans1d import Clustering, check_finite
+from gkq_jax._clustering import Clustering, check_finite, check_nonnegative
 
 VECTOR_INITS = ("kmeans++", "forgy")
 
@@ -96,6 +96,7 @@ def kmeans_vectors(points, importance=None, num_clusters: int = 16, *,
     raise ValueError(f"num_clusters must be >= 1, got {num_clusters}.")
   check_finite("points", points)
   check_finite("importance", importance)
+  check_nonnegative("importance", importance)
   key = jax.random.PRNGKey(0) if key is None else key
   return _kmeans_vectors(points, importance, key, K=int(num_clusters), init=init,
                          max_iter=int(max_iter), tol=float(tol))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gkq_jax import rules as rules_lib
+from gkq_jax._paths import named_leaves
 from gkq_jax.kmeans1d import grouped_kmeans_1d
 from gkq_jax.kmeans_vectors import kmeans_vectors
 
@@ -76,7 +77,7 @@ def is_clustered(x) -> bool:
   return isinstance(x, ClusteredArray)
 
 
-def index_dtype(num_clusters: int):
+def _index_dtype(num_clusters: int):
   return jnp.uint8 if num_clusters <= 256 else jnp.uint16
 
 
@@ -121,10 +122,11 @@ def quantize(params: Any, importance: Any = None,
   """
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}.")
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [rules_lib.path_string(p) for p, _ in flat]
-  leaves = [leaf for _, leaf in flat]
-  rules_lib.check_all_used(rules, paths)
+  named = named_leaves(params)
+  treedef = jax.tree.structure(params)
+  paths = [path for path, _ in named]
+  leaves = [leaf for _, leaf in named]
+  rules_lib.check_rules(params, rules)
   if importance is None:
     imps = [None] * len(leaves)
   else:
@@ -137,7 +139,7 @@ def quantize(params: Any, importance: Any = None,
       if jnp.shape(imp) != jnp.shape(leaf):
         raise ValueError(f"importance of {path} has shape {jnp.shape(imp)}, "
                          f"the parameter {jnp.shape(leaf)}.")
-  ks = [rules_lib.match(rules, p, leaf) for p, leaf in zip(paths, leaves)]
+  ks = [rules_lib.clusters_for(rules, p, leaf) for p, leaf in zip(paths, leaves)]
   masks = [None] * len(leaves) if masks is None else jax.tree_util.tree_leaves(masks)
   if len(masks) != len(leaves):
     raise ValueError("masks must have the same tree structure as params.")
@@ -215,7 +217,7 @@ def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, o
     flat_idx = jnp.zeros(a.size, jnp.int32).at[pos].set(idx)
     if pin:
       book = jnp.concatenate([jnp.zeros((book.shape[0], 1), book.dtype), book], axis=1)
-    out.append(ClusteredArray(book, flat_idx.reshape(a.shape).astype(index_dtype(book.shape[1])),
+    out.append(ClusteredArray(book, flat_idx.reshape(a.shape).astype(_index_dtype(book.shape[1])),
                               pinned_zero=pin))
   return out
 
@@ -237,11 +239,11 @@ def _cluster_vectors(path, leaf, imp, k, key, options):
   if allowed.get("init") not in (None, "kmeans++", "forgy"):
     allowed.pop("init")
   result = kmeans_vectors(points, weights, k, key=key, **allowed)
-  idx = result.assignments.reshape(a.shape[-2:]).astype(index_dtype(k))
+  idx = result.assignments.reshape(a.shape[-2:]).astype(_index_dtype(k))
   return ClusteredArray(result.centroids, idx, tuple(vector_shape))
 
 
 def clustered_leaves(tree: Any) -> list[tuple[str, ClusteredArray]]:
   """(path, ClusteredArray) for every clustered leaf, in tree order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_clustered)
-  return [(rules_lib.path_string(p), leaf) for p, leaf in flat if is_clustered(leaf)]
+  return [(path, leaf) for path, leaf in named_leaves(tree, is_leaf=is_clustered)
+          if is_clustered(leaf)]

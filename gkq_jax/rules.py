@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
-import jax
+from gkq_jax._paths import map_with_paths, named_leaves
 
 MAX_CLUSTERS = 65536
 
@@ -43,25 +43,8 @@ def bits_rule(pattern: str, bits: int, min_ndim: int = 2) -> ClusterRule:
   return ClusterRule(pattern, 2 ** bits, min_ndim)
 
 
-def path_string(path) -> str:
-  """'/'-joined keys of a pytree path; nnx's trailing '.value' is dropped."""
-  names = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      names.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      names.append(key.name)
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      names.append(str(key.idx))
-    else:
-      names.append(str(getattr(key, "key", key)))
-  if names and names[-1] == "value":
-    names.pop()
-  return "/".join(names)
-
-
-def match(rules: Sequence[ClusterRule], path: str, leaf) -> int:
-  """Number of clusters for this leaf (0: leave it alone)."""
+def clusters_for(rules: Sequence[ClusterRule], path: str, leaf) -> int:
+  """Number of clusters the first matching rule gives this leaf (0: leave it alone)."""
   for rule in rules:
     if re.search(rule.pattern, path):
       ndim = getattr(leaf, "ndim", 0)
@@ -69,8 +52,14 @@ def match(rules: Sequence[ClusterRule], path: str, leaf) -> int:
   return 0
 
 
-def check_all_used(rules: Sequence[ClusterRule], paths: Sequence[str]) -> None:
-  """A rule that matches nothing is almost always a typo: say so."""
+def selected_leaves(params: Any, rules: Sequence[ClusterRule]) -> Any:
+  """A pytree of bools like ``params``: True where the rules cluster the leaf."""
+  return map_with_paths(lambda path, leaf: clusters_for(rules, path, leaf) > 0, params)
+
+
+def check_rules(params: Any, rules: Sequence[ClusterRule]) -> None:
+  """Raises if a rule matches no parameter path: almost always a typo."""
+  paths = [path for path, _ in named_leaves(params)]
   for rule in rules:
     if not any(re.search(rule.pattern, p) for p in paths):
       sample = ", ".join(paths[:6])

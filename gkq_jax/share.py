@@ -26,7 +26,7 @@ REDUCTIONS = ("mean", "sum")
 _PLAIN = -1  # segment marker of a leaf that is not clustered
 
 
-def cluster_segments(leaf: ClusteredArray) -> tuple[jax.Array, int]:
+def _cluster_segments(leaf: ClusteredArray) -> tuple[jax.Array, int]:
   """(segment id of every weight, in the dense layout; number of segments)."""
   idx = leaf.indices.astype(jnp.int32)
   if leaf.vector_shape is not None:
@@ -60,7 +60,7 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
   def leaf_state(leaf):
     if not is_clustered(leaf):
       return jnp.full((), _PLAIN, jnp.int32), jnp.zeros((), jnp.float32)
-    seg, n = cluster_segments(leaf)
+    seg, n = _cluster_segments(leaf)
     counts = jax.ops.segment_sum(jnp.ones(seg.size, jnp.float32), seg.reshape(-1), n)
     scale = 1.0 / jnp.maximum(counts, 1.0) if reduce == "mean" else jnp.ones(n, jnp.float32)
     if leaf.pinned_zero and leaf.vector_shape is None:
@@ -100,7 +100,7 @@ def refresh_codebooks(quantized: Any, params: Any) -> Any:
   def refresh(leaf, dense):
     if not is_clustered(leaf):
       return dense
-    seg, n = cluster_segments(leaf)
+    seg, n = _cluster_segments(leaf)
     values = jax.ops.segment_max(dense.reshape(-1), seg.reshape(-1), n)
     counts = jax.ops.segment_sum(jnp.ones(seg.size), seg.reshape(-1), n)
     book = jnp.where(counts > 0, values, leaf.codebook.reshape(-1)).reshape(leaf.codebook.shape)

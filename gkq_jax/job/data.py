@@ -33,12 +33,30 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Dataset:
+  """A dataset held in host memory. The training loop reads any object with
+  this interface (``num_train``, ``sample_shape``, ``train_batches``,
+  ``test_batches``), so a streaming source can stand in for it."""
+
   train_x: np.ndarray  # (N, H, W, C) float32, normalised
   train_y: np.ndarray  # (N,) int32
   test_x: np.ndarray
   test_y: np.ndarray
   num_classes: int
   name: str
+
+  @property
+  def num_train(self) -> int:
+    return len(self.train_x)
+
+  @property
+  def sample_shape(self) -> tuple[int, ...]:
+    return tuple(self.train_x.shape[1:])
+
+  def train_batches(self, batch_size: int, seed: int, epoch: int):
+    return train_batches(self, batch_size, seed, epoch)
+
+  def test_batches(self, batch_size: int):
+    return eval_batches(self.test_x, self.test_y, batch_size)
 
 
 def _normalise(train, test):

@@ -1,3 +1,5 @@
+"""Whole-model quantization (gkq_jax.quantize): linen, nnx, granularities."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -81,15 +83,6 @@ def test_quantize_is_one_compiled_call_and_close_to_weights(linen_setup):
   assert err < 0.1 * float(jnp.abs(w).max())
 
 
-def test_rules_choose_clusters_per_parameter(linen_setup):
-  params, _ = linen_setup
-  rules = [gkq.ClusterRule(r"Conv_\d/kernel$", 4), gkq.bits_rule(r"Dense_1/kernel$", 1),
-           gkq.ClusterRule(r"Dense_0/kernel$", 0)]
-  q = gkq.quantize(params, None, rules)
-  ks = {p: c.num_clusters for p, c in gkq.clustered_leaves(q)}
-  assert ks == {"params/Conv_0/kernel": 4, "params/Conv_1/kernel": 4,
-                "params/Dense_1/kernel": 2}
-  assert not isinstance(q["params"]["Dense_0"]["kernel"], gkq.ClusteredArray)
 
 
 def test_vector_granularity_clusters_spatial_filters(linen_setup):

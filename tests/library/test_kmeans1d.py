@@ -1,4 +1,4 @@
-import itertools
+"""Grouped importance-weighted 1-D k-means (gkq_jax.kmeans1d)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,47 +6,7 @@ import numpy as np
 import pytest
 
 import gkq_jax as gkq
-
-
-def numpy_weighted_lloyd(x, h, c, iters):
-  """Independent reference: textbook Lloyd with a full distance matrix."""
-  c = np.array(c, np.float64)
-  for _ in range(iters):
-    a = np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)
-    for k in range(len(c)):
-      m = a == k
-      if h[m].sum() > 0:
-        c[k] = (h[m] * x[m]).sum() / h[m].sum()
-  return np.sort(c)
-
-
-def sse(x, h, c, a):
-  return float((h * (x - np.asarray(c)[np.asarray(a)]) ** 2).sum())
-
-
-def brute_force_optimum(x, h, k, objective):
-  """Best contiguous partition of the sorted points, by enumeration."""
-  order = np.argsort(x)
-  xs, hs = x[order].astype(np.float64), h[order].astype(np.float64)
-  best = np.inf
-  for cuts in itertools.combinations(range(1, len(xs)), k - 1):
-    total = 0.0
-    for part_x, part_h in zip(np.split(xs, cuts), np.split(hs, cuts)):
-      if objective == "l2":
-        mu = (part_h * part_x).sum() / part_h.sum()
-        total += (part_h * (part_x - mu) ** 2).sum()
-      else:
-        total += min((part_h * np.abs(part_x - m)).sum() for m in part_x)
-    best = min(best, total)
-  return best
-
-
-@pytest.fixture
-def bell():
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal(3000).astype(np.float32)
-  h = (rng.random(3000) ** 2).astype(np.float32)
-  return x, h
+from tests.references import numpy_weighted_lloyd, sse
 
 
 def test_lloyd_matches_numpy_reference():
@@ -61,33 +21,10 @@ def test_lloyd_matches_numpy_reference():
   np.testing.assert_array_equal(np.asarray(ours.assignments), nearest)
 
 
-@pytest.mark.parametrize("objective", ["l2", "l1"])
-def test_exact_matches_brute_force(objective):
-  rng = np.random.default_rng(2)
-  for trial in range(3):
-    x = rng.standard_normal(9).astype(np.float32)
-    h = (rng.random(9) + 0.05).astype(np.float32)
-    out = gkq.kmeans_1d(x, h, 3, method="exact", objective=objective, refine_iters=0)
-    got = float(gkq.weighted_error(x, h, out.centroids, out.assignments, objective))
-    assert got == pytest.approx(brute_force_optimum(x, h, 3, objective), rel=1e-5, abs=1e-6)
 
 
-def test_exact_matches_ckwrap(bell):
-  ckwrap = pytest.importorskip("ckwrap")
-  x, h = bell
-  ref = ckwrap.ckmeans(x.astype(np.float64), 16, weights=h.astype(np.float64))
-  ref_sse = sse(x, h, ref.centers, ref.labels)
-  out = gkq.kmeans_1d(x, h, 16, method="exact")
-  assert sse(x, h, out.centroids, out.assignments) == pytest.approx(ref_sse, rel=1e-5)
-  np.testing.assert_allclose(np.asarray(out.centroids), np.sort(ref.centers), atol=1e-4)
 
 
-def test_exact_on_histogram_is_near_ckwrap(bell):
-  ckwrap = pytest.importorskip("ckwrap")
-  x, h = bell
-  ref = ckwrap.ckmeans(x.astype(np.float64), 16, weights=h.astype(np.float64))
-  out = gkq.kmeans_1d(x, h, 16, method="exact", exact_max_points=100, bins=1024)
-  assert sse(x, h, out.centroids, out.assignments) <= 1.002 * sse(x, h, ref.centers, ref.labels)
 
 
 def test_default_method_is_near_optimal_where_linear_lloyd_is_not(bell):

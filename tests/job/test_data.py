@@ -1,52 +1,16 @@
+"""Dataset specs and batches (gkq_jax.job.data)."""
+
 import gzip
 import pathlib
 import struct
 import sys
 import tarfile
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from gkq_jax import augment as augment_lib
-from gkq_jax import data as data_lib
-from gkq_jax import models
-
-
-def count_params(model, shape):
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
-
-
-def test_parameter_counts_match_the_papers():
-  assert count_params(models.MLP(models.LENET_300_100), (1, 28, 28, 1)) == 266_610
-  assert count_params(models.LeNet5(), (1, 28, 28, 1)) == 431_080
-  # ResNet-34 with the ImageNet head: 21.8 M parameters (torchvision: 21,797,672).
-  assert count_params(models.ResNet34(1000, "imagenet"), (1, 64, 64, 3)) == 21_797_672
-  speech = count_params(models.MLP(models.SPEECH_MLP, 71, norm_every=2), (1, 40 * 15))
-  assert speech > 10_000_000
-
-
-def test_resnet_stems_and_tiny_variant_run():
-  for stem in ("cifar", "imagenet"):
-    model = models.ResNetTiny(10, stem)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)))
-    assert model.apply(variables, jnp.ones((2, 16, 16, 3))).shape == (2, 10)
-
-
-def test_bfloat16_compute_keeps_fp32_params_and_logits():
-  x = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
-  full = models.ResNetTiny(10)
-  mixed = models.ResNetTiny(10, dtype=jnp.bfloat16)
-  variables = full.init(jax.random.PRNGKey(0), x)
-  assert jax.tree.structure(variables) == jax.tree.structure(mixed.init(jax.random.PRNGKey(0), x))
-  out32, stats32 = full.apply(variables, x, train=True, mutable=["batch_stats"])
-  out16, stats16 = mixed.apply(variables, x, train=True, mutable=["batch_stats"])
-  assert out16.dtype == jnp.float32
-  assert {a.dtype for a in jax.tree.leaves(stats16)} == {jnp.dtype(jnp.float32)}
-  np.testing.assert_allclose(out16, out32, atol=0.05 * float(jnp.abs(out32).max()))
+from gkq_jax.job import data as data_lib
 
 
 def test_digits_is_offline_and_deterministic():
@@ -144,24 +108,3 @@ def test_batches_are_deterministic():
   assert a[0][0].shape == (100, 8, 8, 1)
   weights = np.concatenate([w for _, _, w in data_lib.eval_batches(ds.test_x, ds.test_y, 100)])
   assert weights.sum() == len(ds.test_x)
-
-
-def test_augment_crops_flips_and_cuts_out():
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(64, 12, 10, 2)).astype(np.float32)) + 10.0
-  key = jax.random.PRNGKey(1)
-  out = np.asarray(augment_lib.crop_flip_cutout(key, images, pad=2))
-  np.testing.assert_array_equal(out, augment_lib.crop_flip_cutout(key, images, pad=2))
-  assert out.shape == images.shape
-  padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
-  for i in range(len(out)):  # each output is one crop of the padded image, maybe mirrored
-    windows = [padded[i, dy:dy + 12, dx:dx + 10] for dy in range(5) for dx in range(5)]
-    assert any(np.array_equal(out[i], win) or np.array_equal(out[i], win[:, ::-1])
-               for win in windows), i
-  no_crop = np.asarray(augment_lib.crop_flip_cutout(key, images, pad=0))
-  flipped = [not np.array_equal(o, im) for o, im in zip(no_crop, np.asarray(images))]
-  assert 10 < sum(flipped) < 54  # about half are mirrored
-  cut = np.asarray(augment_lib.crop_flip_cutout(key, images, pad=0, cutout=4))
-  zeros = (cut[..., 0] == 0).sum(axis=(1, 2))  # the images hold no zeros before
-  assert zeros.max() == 16 and zeros.min() >= 4  # a 4x4 square, clipped at the border
-  np.testing.assert_array_equal(cut[cut != 0], no_crop[cut != 0])

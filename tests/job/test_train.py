@@ -1,8 +1,6 @@
+"""The training loop: learning, resume, NaN guard, bad input (gkq_jax.job.train)."""
+
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,20 +8,10 @@ import pytest
 from configs import lenet5 as lenet5_config
 from configs import mlp as mlp_config
 from configs import resnet34 as resnet34_config
-from gkq_jax import data as data_lib
-from gkq_jax import run as run_lib
-from gkq_jax import train as train_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def smoke(module=mlp_config, **overrides):
-  config = module.get_config("smoke")
-  config.log_every = 5
-  config.mode = "train"
-  for k, v in overrides.items():
-    setattr(config, k, v)
-  return config
+from gkq_jax.job import data as data_lib
+from gkq_jax.job import run as run_lib
+from gkq_jax.job import train as train_lib
+from tests.job.tiny import smoke
 
 
 def test_full_run_on_digits_learns(tmp_path):
@@ -93,49 +81,3 @@ def test_bad_inputs_give_clear_errors(tmp_path):
   config.resnet.dtype = "float16"
   with pytest.raises(ValueError, match="'float32' or 'bfloat16'"):
     run_lib.run(config, tmp_path / "b")
-
-
-SCRIPT = """
-import jax, numpy as np
-from configs import mlp
-from gkq_jax import data as data_lib, run as run_lib, train as train_lib
-config = mlp.get_config("smoke"); config.batch_size = 32
-ds = data_lib.load("digits")
-model = run_lib.create_model(config, 10)
-tx = train_lib.create_optimizer(config, 40, 1)
-state = train_lib.init_state(model, ds.train_x, tx, 0)
-mesh = train_lib.Mesh1D()
-state = mesh.replicate(state)
-step = jax.jit(train_lib.train_step)
-losses = []
-for i, batch in enumerate(data_lib.train_batches(ds, 32, 0, 0)):
-  state, m = step(state, mesh.put_batch(batch), jax.random.PRNGKey(i))
-  losses.append(float(m["loss"]))
-  if i == 9: break
-print(jax.device_count(), repr(losses))
-"""
-
-
-def test_data_parallel_over_four_devices_matches_one():
-  outs = {}
-  for n in (1, 4):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, text=True,
-                         capture_output=True, check=True)
-    devices, losses = out.stdout.strip().split(" ", 1)
-    assert int(devices) == n
-    outs[n] = eval(losses)
-  np.testing.assert_allclose(outs[4], outs[1], rtol=2e-4)
-
-
-def test_main_cli_smoke_and_locked_config(tmp_path):
-  cmd = [sys.executable, "main.py", "--config=configs/mlp.py:smoke", f"--workdir={tmp_path}"]
-  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-  assert (tmp_path / "results.json").exists()
-  bad = subprocess.run(cmd + ["--config.num_epoch=3"], cwd=ROOT, capture_output=True, text=True)
-  assert bad.returncode != 0 and "num_epoch" in bad.stderr
-  bad = subprocess.run(cmd + ["--config.dataset=idx:/no/such/dir"], cwd=ROOT,
-                       capture_output=True, text=True)
-  assert bad.returncode == 1
-  assert bad.stderr.strip().splitlines()[-1].startswith("error: idx: directory /no/such/dir")

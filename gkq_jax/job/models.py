@@ -1,9 +1,14 @@
-"""The seeds' models in flax.linen: MLPs (LeNet-300-100, the speech MLP), LeNet-5, ResNet-34."""
+"""The seeds' models in flax.linen, and the registry that builds one from a config.
+
+MLPs (LeNet-300-100, the speech MLP), LeNet-5, ResNet-34 (and a tiny ResNet
+for tests). :func:`create_model` looks the config's ``model`` up in
+:data:`REGISTRY`; add a model by adding an entry.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -117,3 +122,29 @@ def ResNet34(num_classes: int = 10, stem: str = "cifar", width: int = 64,
 def ResNetTiny(num_classes: int = 10, stem: str = "cifar", dtype: Any = jnp.float32) -> ResNet:
   """Same code path as ResNet-34 at a size that compiles in seconds (tests)."""
   return ResNet((1, 1), 8, num_classes, stem, dtype)
+
+
+# ------------------------------------------------------------------ registry
+
+
+def _compute_dtype(config):
+  name = config.resnet.dtype
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"config.resnet.dtype={name!r}: use 'float32' or 'bfloat16' "
+                     "(mixed precision: bf16 compute, fp32 parameters).")
+  return jnp.dtype(name)
+
+
+REGISTRY: dict[str, Callable[[Any, int], nn.Module]] = {
+    "mlp": lambda c, n: MLP(tuple(c.mlp.hidden), n, c.mlp.norm_every, c.mlp.dropout),
+    "lenet5": lambda c, n: LeNet5(n),
+    "resnet34": lambda c, n: ResNet34(n, c.resnet.stem, c.resnet.width, _compute_dtype(c)),
+    "resnet_tiny": lambda c, n: ResNetTiny(n, c.resnet.stem, _compute_dtype(c)),
+}
+
+
+def create_model(config, num_classes: int) -> nn.Module:
+  """The model ``config.model`` names, for ``num_classes`` outputs."""
+  if config.model not in REGISTRY:
+    raise ValueError(f"config.model={config.model!r} is not one of {tuple(REGISTRY)}.")
+  return REGISTRY[config.model](config, num_classes)

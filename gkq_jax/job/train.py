@@ -9,7 +9,6 @@ I/O: batches placed on a data-parallel mesh, orbax checkpoints every epoch
 from __future__ import annotations
 
 import functools
-import json
 import math
 import pathlib
 import time
@@ -25,8 +24,7 @@ from absl import logging
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gkq_jax import augment as augment_lib
-from gkq_jax import data as data_lib
+from gkq_jax.job import augment as augment_lib
 
 
 class TrainState(train_state.TrainState):
@@ -90,24 +88,27 @@ def eval_step(state: TrainState, params, batch):
 # ------------------------------------------------------------------ set-up
 
 
-def create_optimizer(config, steps_per_epoch: int, num_epochs: int,
-                     learning_rate: float | None = None) -> optax.GradientTransformation:
-  lr = config.learning_rate if learning_rate is None else learning_rate
-  total = max(1, steps_per_epoch * num_epochs)
-  warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), total, lr * 1e-3) \
-      if warmup > 0 else optax.cosine_decay_schedule(lr, total, 1e-3)
-  if config.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.momentum, nesterov=True))
-  if config.optimizer == "adamw":
-    return optax.adamw(schedule, weight_decay=config.weight_decay)
-  raise ValueError(f"config.optimizer={config.optimizer!r}: use 'sgd' or 'adamw'.")
+def create_optimizer(name: str, learning_rate: float, *, total_steps: int, warmup_steps: int,
+                     momentum: float, weight_decay: float) -> optax.GradientTransformation:
+  """SGD (Nesterov momentum, L2 decay added to the gradient) or AdamW on a warm-up +
+  cosine schedule that ends at 1e-3 x ``learning_rate``."""
+  total = max(1, total_steps)
+  warmup = max(0, min(warmup_steps, total - 1))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total,
+                                                learning_rate * 1e-3) \
+      if warmup > 0 else optax.cosine_decay_schedule(learning_rate, total, 1e-3)
+  if name == "sgd":
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(schedule, momentum=momentum, nesterov=True))
+  if name == "adamw":
+    return optax.adamw(schedule, weight_decay=weight_decay)
+  raise ValueError(f"optimizer={name!r}: use 'sgd' or 'adamw'.")
 
 
-def init_state(model: nn.Module, sample_x: np.ndarray, tx, seed: int) -> TrainState:
+def init_state(model: nn.Module, sample_shape: tuple[int, ...], tx, seed: int) -> TrainState:
+  """Variables of ``model`` for inputs of ``sample_shape`` (one example, no batch axis)."""
   variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.PRNGKey(seed), jnp.asarray(sample_x[:1]))
+      jax.random.PRNGKey(seed), jnp.zeros((1,) + tuple(sample_shape), jnp.float32))
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats"))
 
@@ -132,12 +133,12 @@ class Mesh1D:
     return jax.device_put(tree, self.replicated)
 
 
-def evaluate(state: TrainState, ds: data_lib.Dataset, batch_size: int, mesh: Mesh1D,
-             params=None) -> dict:
+def evaluate(state: TrainState, data, batch_size: int, mesh: Mesh1D, params=None) -> dict:
+  """Test loss and accuracy of ``state`` (or of ``params`` in its model)."""
   step = _jitted_eval()
   params = state.params if params is None else params
   totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-  for batch in data_lib.eval_batches(ds.test_x, ds.test_y, batch_size):
+  for batch in data.test_batches(batch_size):
     out = step(state, params, mesh.put_batch(batch))
     for k in totals:
       totals[k] += float(out[k])
@@ -148,25 +149,6 @@ def evaluate(state: TrainState, ds: data_lib.Dataset, batch_size: int, mesh: Mes
 @functools.lru_cache(maxsize=None)
 def _jitted_eval():
   return jax.jit(eval_step)
-
-
-# ------------------------------------------------------------------- logging
-
-
-class MetricWriter:
-  """absl logging plus one JSON object per line in ``workdir/metrics.jsonl``."""
-
-  def __init__(self, workdir: pathlib.Path):
-    self.path = workdir / "metrics.jsonl"
-
-  def write(self, **record):
-    record = {k: (float(v) if isinstance(v, (np.floating, jax.Array)) else v)
-              for k, v in record.items()}
-    logging.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in record.items()))
-    if jax.process_index() == 0:
-      with self.path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 # ---------------------------------------------------------------------- loop
@@ -189,65 +171,77 @@ def restore_latest(directory: pathlib.Path, target):
     return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
-def fit(state: TrainState, ds: data_lib.Dataset, config, *, num_epochs: int,
-        workdir: pathlib.Path, stage: str, mesh: Mesh1D, writer: MetricWriter,
-        extra_loss: Callable | None = None, after_step: Callable | None = None) -> TrainState:
-  """Trains ``num_epochs`` epochs, checkpointing each; resumes a stage in progress.
+def make_train_step(*, augment: bool = False, cutout: int = 0, label_smoothing: float = 0.0,
+                    extra_loss: Callable | None = None,
+                    after_step: Callable | None = None) -> Callable:
+  """The jitted step ``(state, batch, key) -> (state, metrics)`` that :func:`fit` runs.
 
-  ``after_step(state) -> state`` (jit-able) runs inside the step, e.g. to
-  project weights back onto their shared values.
+  ``augment``: random crop + flip (and ``cutout``) on the device, drawn from
+  the step's key so a resumed run sees the same images. ``extra_loss(params,
+  x, logits)`` is added to the loss (distillation, regularisers);
+  ``after_step(state) -> state`` runs inside the step. The state is donated.
   """
-  batch = config.batch_size
-  if batch > len(ds.train_x):
-    raise ValueError(f"batch_size={batch} is larger than the {len(ds.train_x)} training "
-                     f"examples of {ds.name}; set --config.batch_size={len(ds.train_x)} or less.")
-  if batch % mesh.size:
-    raise ValueError(f"batch_size={batch} must be a multiple of the {mesh.size} devices.")
-  steps_per_epoch = len(ds.train_x) // batch
-  ckpt_dir = workdir / "checkpoints" / stage
-  done, state = restore_latest(ckpt_dir, state)
+
+  def step(state, batch, key):
+    if augment:
+      x, y = batch
+      batch = (augment_lib.crop_flip_cutout(jax.random.fold_in(key, 1), x, cutout=cutout), y)
+    state, metrics = train_step(state, batch, key, extra_loss, label_smoothing)
+    if after_step is not None:
+      state = after_step(state)
+    return state, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def fit(state: TrainState, data, step: Callable, *, num_epochs: int, batch_size: int,
+        seed: int, checkpoint_dir: pathlib.Path, mesh: Mesh1D, writer,
+        eval_batch_size: int, log_every: int = 50, stage: str = "train") -> TrainState:
+  """Trains ``num_epochs`` epochs of ``step``, checkpointing each; resumes a
+  stage in progress from the newest checkpoint in ``checkpoint_dir``.
+
+  ``writer.write(**record)`` gets one record per epoch (``report.MetricWriter``).
+  ``data`` is any object with ``num_train``, ``train_batches(batch_size,
+  seed, epoch)`` and ``test_batches(batch_size)`` (see ``job/data.py``); the
+  batch order depends only on (seed, epoch), so a resumed run sees the
+  batches an uninterrupted one would.
+  """
+  if batch_size > data.num_train:
+    raise ValueError(f"batch_size={batch_size} is larger than the {data.num_train} training "
+                     f"examples of {data.name}; set --config.batch_size={data.num_train} or "
+                     "less.")
+  if batch_size % mesh.size:
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the {mesh.size} devices.")
+  steps_per_epoch = data.num_train // batch_size
+  done, state = restore_latest(checkpoint_dir, state)
   start_epoch = 0 if done is None else done
   if done is not None:
     logging.info("%s: resumed from the checkpoint of epoch %d", stage, done)
   # The step donates its state: work on copies so the caller's arrays (a
   # teacher, masks, the previous stage's weights) stay alive.
   state = mesh.replicate(jax.tree.map(lambda x: jnp.array(x, copy=True), state))
-
-  def step_fn(state, batch, key):
-    if config.augment:
-      x, y = batch
-      batch = (augment_lib.crop_flip_cutout(jax.random.fold_in(key, 1), x,
-                                            cutout=config.get("cutout", 0)), y)
-    state, metrics = train_step(state, batch, key, extra_loss,
-                                config.get("label_smoothing", 0.0))
-    if after_step is not None:
-      state = after_step(state)
-    return state, metrics
-
-  step = jax.jit(step_fn, donate_argnums=0)
-  base_key = jax.random.PRNGKey(config.seed)
+  base_key = jax.random.PRNGKey(seed)
   total_steps = steps_per_epoch * num_epochs
-  with _checkpoint_manager(ckpt_dir) as manager:
+  with _checkpoint_manager(checkpoint_dir) as manager:
     for epoch in range(start_epoch, num_epochs):
       t0 = time.perf_counter()
       pending, epoch_losses, accs = [], [], []
-      for i, (x, y) in enumerate(data_lib.train_batches(ds, batch, config.seed, epoch)):
+      for i, (x, y) in enumerate(data.train_batches(batch_size, seed, epoch)):
         global_step = epoch * steps_per_epoch + i
         key = jax.random.fold_in(base_key, global_step)
         state, metrics = step(state, mesh.put_batch((x, y)), key)
         pending.append(metrics["loss"])
         accs.append(metrics["accuracy"])
-        if (i + 1) % config.log_every == 0 or i + 1 == steps_per_epoch:
+        if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
           epoch_losses += _check_finite(pending, global_step - len(pending) + 1, stage)
           rate = (i + 1) / (time.perf_counter() - t0)
           remaining = total_steps - global_step - 1
           logging.info("%s epoch %d step %d/%d  %.2f steps/s  ETA %s", stage, epoch + 1,
                        i + 1, steps_per_epoch, rate, _eta(remaining / max(rate, 1e-9)))
-      train_loss = float(np.mean(epoch_losses))
-      record = dict(stage=stage, epoch=epoch + 1, train_loss=train_loss,
+      record = dict(stage=stage, epoch=epoch + 1, train_loss=float(np.mean(epoch_losses)),
                     train_accuracy=float(np.mean([float(a) for a in accs])),
                     epoch_seconds=time.perf_counter() - t0)
-      record.update(evaluate(state, ds, config.eval_batch_size, mesh))
+      record.update(evaluate(state, data, eval_batch_size, mesh))
       writer.write(**record)
       manager.save(epoch + 1, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()

@@ -1,27 +1,14 @@
+"""The compression pipeline end to end on tiny data (gkq_jax.job.pipeline)."""
+
 import json
 
-import jax
 import numpy as np
 import pytest
 
 import gkq_jax as gkq
 from configs import mlp as mlp_config
-from gkq_jax import encode
-from gkq_jax import run as run_lib
-
-
-def pipeline_config(**overrides):
-  c = mlp_config.get_config("smoke")
-  c.num_epochs = 2
-  c.log_every = 10
-  c.prune.enabled = True
-  c.prune.qualities = (0.6, 1.0)
-  c.prune.epochs_per_round = 1
-  c.quantize.bits = 3
-  c.finetune.epochs = 1
-  for k, v in overrides.items():
-    setattr(c, k, v)
-  return c
+from gkq_jax.job import run as run_lib
+from tests.job.tiny import pipeline_config
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +39,7 @@ def test_pipeline_report_file_and_stages(finished_run):
 
 def test_loaded_file_has_k_values_and_pruned_zeros(finished_run):
   workdir, _ = finished_run
-  loaded = encode.load(workdir / "model.gkq")
+  loaded = gkq.load(workdir / "model.gkq")
   dense = gkq.dequantize(loaded["params"])
   for path, leaf in gkq.clustered_leaves(loaded["params"]):
     values = np.asarray(leaf.dequantize())
@@ -69,7 +56,7 @@ def test_rerun_replays_checkpoints_to_the_same_result(finished_run):
 
 
 def test_interrupted_finetune_resumes(tmp_path, monkeypatch):
-  from gkq_jax import train as train_lib
+  from gkq_jax.job import train as train_lib
   config = pipeline_config()
   config.prune.enabled = False
   config.finetune.epochs = 2
@@ -77,13 +64,13 @@ def test_interrupted_finetune_resumes(tmp_path, monkeypatch):
   real_fit = train_lib.fit
   calls = {"n": 0}
 
-  def killed_in_finetune(state, ds, cfg, **kw):
+  def killed_in_finetune(state, data, step, **kw):
     if kw["stage"] == "finetune" and calls["n"] == 0:
       calls["n"] += 1
       kw["num_epochs"] = 1  # checkpoint epoch 1, then "die"
-      real_fit(state, ds, cfg, **kw)
+      real_fit(state, data, step, **kw)
       raise KeyboardInterrupt("simulated kill")
-    return real_fit(state, ds, cfg, **kw)
+    return real_fit(state, data, step, **kw)
 
   monkeypatch.setattr(train_lib, "fit", killed_in_finetune)
   with pytest.raises(KeyboardInterrupt):
@@ -93,22 +80,6 @@ def test_interrupted_finetune_resumes(tmp_path, monkeypatch):
   assert resumed["accuracy"] == straight["accuracy"]
 
 
-def test_sensitivity_and_compare_modes(tmp_path):
-  config = pipeline_config(mode="sensitivity")
-  config.sensitivity.bits = (1, 4)
-  config.init_checkpoint = ""
-  results = run_lib.run(config, tmp_path / "sens")
-  assert len(results["sensitivity"]) == 3 * 2
-  assert (tmp_path / "sens" / "sensitivity.csv").exists()
-  assert (tmp_path / "sens" / "sensitivity.png").exists()
-  config = pipeline_config(mode="compare")
-  config.compare.bits = (2,)
-  config.compare.finetune_epochs = 1
-  config.init_checkpoint = str(tmp_path / "sens" / "checkpoints" / "baseline")
-  results = run_lib.run(config, tmp_path / "cmp")
-  methods = {r["method"] for r in results["compare"]}
-  assert methods == set(run_lib.COMPARE_METHODS)
-  assert "| gkq grad_sq | 2 |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_bad_compression_inputs(tmp_path):
@@ -138,44 +109,8 @@ def _with_bits(bits):
   return c
 
 
-@pytest.mark.parametrize("case", ["truncated", "flipped", "newer", "not_ours"])
-def test_damaged_files_raise_clear_errors(tmp_path, case):
-  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (40, 30)), "b": np.zeros(3)}
-  q = gkq.quantize(params, None, [gkq.ClusterRule("w", 8)])
-  path = tmp_path / "m.gkq"
-  encode.save(path, q)
-  data = bytearray(path.read_bytes())
-  if case == "truncated":
-    data = data[:-100]
-    match = "truncated or corrupted"
-  elif case == "flipped":
-    data[len(data) // 2] ^= 0x10
-    match = "truncated or corrupted"
-  elif case == "newer":
-    data[len(encode.MAGIC)] = encode.FORMAT_VERSION + 1
-    match = "format version"
-  else:
-    data = b"PK\x03\x04" + data[4:]
-    match = "not a gkq_jax compressed file"
-  path.write_bytes(bytes(data))
-  with pytest.raises(encode.CorruptFileError, match=match):
-    encode.load(path)
 
 
-@pytest.mark.parametrize("k,density", [(2, 1.0), (16, 1.0), (256, 1.0), (32, 0.05), (4, 0.3)])
-def test_every_coding_round_trips_exactly(tmp_path, k, density):
-  rng = np.random.default_rng(k)
-  w = rng.standard_normal((123, 77)).astype(np.float32)
-  w[rng.random(w.shape) > density] = 0
-  mask = w != 0
-  q = gkq.quantize({"w": w}, None, [gkq.ClusterRule("w", k)],
-                   masks={"w": mask} if density < 1 else None)
-  size, sizes = encode.save(tmp_path / "m.gkq", q)
-  back = encode.load(tmp_path / "m.gkq")
-  np.testing.assert_array_equal(np.asarray(gkq.dequantize(back)["w"]),
-                                np.asarray(gkq.dequantize(q)["w"]))
-  if density < 0.1:
-    assert sizes["w"]["coding"] == "sparse"
 
 
 def test_distillation_and_sum_reduction_finetune(tmp_path):

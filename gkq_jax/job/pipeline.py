@@ -1,0 +1,203 @@
+"""The compression pipeline: prune -> importance -> quantize -> fine-tune -> encode.
+
+:func:`compress` runs it all, down to the file, the check that the decoded
+file gives the in-memory model's logits bit for bit, and the report. Every
+stage starts from a state computed deterministically from the previous
+stage's final state, and every training stage checkpoints each epoch, so a
+rerun with the same workdir replays finished stages from their checkpoints and
+resumes the one that was interrupted. Nothing a stage wrote is removed by a
+later one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+import gkq_jax as gkq
+from gkq_jax.job import report as report_lib
+from gkq_jax.job import train as train_lib
+
+
+@dataclasses.dataclass
+class Context:
+  """What every stage needs: config, data, mesh, where to write."""
+
+  config: Any
+  data: Any  # job/data.py Dataset or a streaming source with the same interface
+  mesh: train_lib.Mesh1D
+  writer: train_lib.MetricWriter
+  workdir: pathlib.Path
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return max(1, self.data.num_train // self.config.batch_size)
+
+  def evaluate(self, state, params=None) -> float:
+    return train_lib.evaluate(state, self.data, self.config.eval_batch_size, self.mesh,
+                              params)["test_accuracy"]
+
+  def optimizer(self, epochs: int, learning_rate: float) -> optax.GradientTransformation:
+    c = self.config
+    return train_lib.create_optimizer(
+        c.optimizer, learning_rate, total_steps=self.steps_per_epoch * epochs,
+        warmup_steps=int(c.warmup_epochs * self.steps_per_epoch), momentum=c.momentum,
+        weight_decay=c.weight_decay)
+
+  def train(self, state, epochs: int, stage: str, extra_loss=None):
+    """``epochs`` epochs of the config's training step from ``state`` as it is."""
+    c = self.config
+    step = train_lib.make_train_step(augment=c.augment, cutout=c.cutout,
+                                     label_smoothing=c.label_smoothing, extra_loss=extra_loss)
+    return train_lib.fit(state, self.data, step, num_epochs=epochs, batch_size=c.batch_size,
+                         seed=c.seed, checkpoint_dir=self.workdir / "checkpoints" / stage,
+                         mesh=self.mesh, writer=self.writer,
+                         eval_batch_size=c.eval_batch_size, log_every=c.log_every,
+                         stage=stage)
+
+  def retrain(self, state, tx, epochs: int, stage: str, extra_loss=None):
+    """A fresh optimiser ``tx`` on the current weights, trained ``epochs`` epochs."""
+    state = train_lib.TrainState.create(apply_fn=state.apply_fn, params=state.params, tx=tx,
+                                        batch_stats=state.batch_stats)
+    return self.train(state, epochs, stage, extra_loss)
+
+
+def cluster_rules(config) -> list[gkq.ClusterRule]:
+  """Rules from ``quantize.rules`` ("regex=bits" strings) then the default
+  ``quantize.bits`` for every Dense/Conv kernel."""
+  rules = []
+  for text in config.quantize.rules:
+    pattern, sep, bits = str(text).rpartition("=")
+    if not sep or not bits.strip().isdigit():
+      raise ValueError(f"quantize.rules entry {text!r} must look like 'regex=bits', "
+                       "e.g. 'Dense_0/kernel$=6'.")
+    rules.append(gkq.bits_rule(pattern, int(bits)))
+  rules.append(gkq.bits_rule(r"(^|/)kernel$", int(config.quantize.bits)))
+  return rules
+
+
+def importance_of(ctx: Context, state, kind: str):
+  """Importance of ``state.params`` from ``quantize.importance_batches`` batches."""
+
+  def loss_fn(params, batch):
+    logits, _ = train_lib.apply_model(state, params, batch[0], False)
+    return train_lib.cross_entropy(logits, batch[1])
+
+  batches = ctx.data.train_batches(ctx.config.batch_size, ctx.config.seed, 10_000)
+  limited = (b for _, b in zip(range(ctx.config.quantize.importance_batches), batches))
+  return gkq.compute_importance(loss_fn, state.params, limited, kind)
+
+
+def distillation_loss(state, teacher, weight: float, temperature: float = 4.0):
+  """Hinton et al.: KL(teacher || student) on softened logits, x T^2."""
+  if weight <= 0:
+    return None
+
+  def extra(params, x, logits):
+    teacher_state = state.replace(batch_stats=teacher["batch_stats"])
+    teacher_logits, _ = train_lib.apply_model(teacher_state, teacher["params"], x, False)
+    p = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature)
+    log_q = jax.nn.log_softmax(logits / temperature)
+    return weight * temperature ** 2 * jnp.mean(jnp.sum(p * (jnp.log(p + 1e-12) - log_q), -1))
+
+  return extra
+
+
+# ----------------------------------------------------------------------- stages
+
+
+def prune_stage(ctx: Context, state, rules, teacher=None):
+  """Iterative magnitude pruning with retraining; returns (state, masks)."""
+  cfg = ctx.config.prune
+  selected = gkq.selected_leaves(state.params, rules)
+  extra = distillation_loss(state, teacher, cfg.distill) if teacher else None
+  masks = None
+  for i, quality in enumerate(cfg.qualities):
+    # Host copies: the optimiser state that holds them is donated every step.
+    masks = jax.tree.map(np.asarray, gkq.magnitude_masks(state.params, selected,
+                                                         float(quality)))
+    state = state.replace(params=gkq.apply_masks(state.params, masks))
+    tx = gkq.keep_pruned(ctx.optimizer(cfg.epochs_per_round, cfg.learning_rate), masks)
+    state = ctx.retrain(state, tx, cfg.epochs_per_round, f"prune_{i + 1}", extra)
+    logging.info("prune round %d (quality %.2f): %.1f%% of selected weights kept", i + 1,
+                 quality, 100 * (1 - gkq.sparsity(state.params, selected)))
+  return state, masks
+
+
+def quantize_stage(ctx: Context, state, rules, masks):
+  q = ctx.config.quantize
+  imp = importance_of(ctx, state, q.importance)
+  return gkq.quantize(state.params, imp, rules, granularity=q.granularity, masks=masks,
+                      key=jax.random.PRNGKey(ctx.config.seed), method=q.method, init=q.init,
+                      objective=q.objective)
+
+
+def finetune_stage(ctx: Context, state, quantized, masks, teacher=None, stage="finetune",
+                   epochs=None):
+  """Fine-tunes on the shared values; returns (state, quantized with new codebooks)."""
+  cfg = ctx.config.finetune
+  epochs = cfg.epochs if epochs is None else epochs
+  state = state.replace(params=gkq.dequantize(quantized))
+  if epochs <= 0:
+    return state, quantized
+  inner = ctx.optimizer(epochs, cfg.learning_rate)
+  if masks is not None:
+    inner = gkq.keep_pruned(inner, masks)
+  tx = optax.chain(inner, gkq.share_centroids(quantized, cfg.reduce))
+  extra = distillation_loss(state, teacher, cfg.distill) if teacher else None
+  state = ctx.retrain(state, tx, epochs, stage, extra)
+  return state, gkq.refresh_codebooks(quantized, state.params)
+
+
+def encode_stage(ctx: Context, state, quantized):
+  """Writes ``model.gkq`` and checks that the decoded file gives the in-memory
+  model's logits bit for bit; returns (path, bytes, per-leaf sizes, decoded state)."""
+  tree = {"params": quantized}
+  if state.batch_stats is not None:
+    tree["batch_stats"] = state.batch_stats
+  path = ctx.workdir / "model.gkq"
+  nbytes, sizes = gkq.save(path, tree)
+  loaded = gkq.load(path)
+  file_state = state.replace(params=gkq.dequantize(loaded["params"]),
+                             batch_stats=loaded.get("batch_stats"))
+  x = next(iter(ctx.data.test_batches(ctx.config.eval_batch_size)))[0]
+  in_memory, _ = train_lib.apply_model(state, gkq.dequantize(quantized), x, False)
+  from_file, _ = train_lib.apply_model(file_state, file_state.params, x, False)
+  if not np.array_equal(np.asarray(in_memory), np.asarray(from_file)):
+    raise RuntimeError(f"{path}: logits of the decoded file differ from the in-memory model.")
+  return path, nbytes, sizes, file_state
+
+
+def compress(ctx: Context, state, results: dict) -> dict:
+  """The whole pipeline from a trained ``state``; adds to and returns ``results``."""
+  config = ctx.config
+  rules = cluster_rules(config)
+  gkq.check_rules(state.params, rules)
+  acc = results["accuracy"]
+  teacher = {"params": state.params, "batch_stats": state.batch_stats}
+  masks = None
+  if config.prune.enabled:
+    state, masks = prune_stage(ctx, state, rules, teacher)
+    acc["pruned"] = ctx.evaluate(state)
+  before_clustering = state.params
+  q = quantize_stage(ctx, state, rules, masks)
+  acc["quantized"] = ctx.evaluate(state, gkq.dequantize(q))
+  state, q = finetune_stage(ctx, state, q, masks, teacher)
+  acc["finetuned"] = ctx.evaluate(state)
+  path, nbytes, sizes, file_state = encode_stage(ctx, state, q)
+  acc["compressed_file"] = ctx.evaluate(file_state)
+
+  fp32 = report_lib.fp32_bytes(teacher if state.batch_stats is not None else teacher["params"])
+  results.update(fp32_bytes=fp32, compressed_bytes=nbytes, compression_ratio=fp32 / nbytes,
+                 compressed_file=str(path))
+  text, results["plots"] = report_lib.write_compression(
+      ctx.workdir, results, {"params": before_clustering}, {"params": q}, sizes)
+  print(text)
+  return results

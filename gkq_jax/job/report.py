@@ -1,0 +1,189 @@
+"""Every file the job writes: reports (md, json), tables (csv, md) and plots (png).
+
+Only process 0 writes: under ``jax.distributed`` every host runs the same code.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+import gkq_jax as gkq
+
+
+def _is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def fp32_bytes(variables: Any) -> int:
+  return int(sum(4 * np.size(x) for x in jax.tree.leaves(variables)))
+
+
+class MetricWriter:
+  """absl logging plus one JSON object per line in ``workdir/metrics.jsonl``."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = workdir / "metrics.jsonl"
+
+  def write(self, **record):
+    record = {k: (float(v) if isinstance(v, (np.floating, jax.Array)) else v)
+              for k, v in record.items()}
+    logging.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in record.items()))
+    if _is_writer():
+      with self.path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_results(workdir: pathlib.Path, results: dict) -> None:
+  if _is_writer():
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+# -------------------------------------------------------------- compression
+
+
+def layer_rows(quantized: Any, file_sizes: dict) -> list[dict]:
+  rows = []
+  for path, leaf in gkq.clustered_leaves(quantized):
+    idx = np.asarray(leaf.indices)
+    dense = np.asarray(leaf.dequantize())
+    n = dense.size
+    k = leaf.num_clusters
+    entry = file_sizes.get(path, {"bytes": 0, "coding": "?"})
+    book_bytes = int(np.asarray(leaf.codebook).nbytes)
+    rows.append({
+        "layer": path, "shape": list(leaf.shape), "weights": int(n),
+        "kept_percent": 100.0 * float(np.count_nonzero(dense)) / n,
+        "clusters": int(k), "index_bits": max(1, math.ceil(math.log2(max(k, 2)))),
+        "coded_bits_per_weight": 8.0 * (entry["bytes"] - book_bytes) / n,
+        "coding": entry["coding"], "bytes": int(entry["bytes"]),
+        "distinct_values": int(len(np.unique(dense))) if idx.size else 0,
+    })
+  return rows
+
+
+def _compression_markdown(results: dict, rows: list[dict]) -> str:
+  lines = ["# gkq_jax compression report", "",
+           f"- fp32 bytes (all model variables): {results['fp32_bytes']:,}",
+           f"- compressed file: {results['compressed_bytes']:,} bytes "
+           f"({results['compressed_file']})",
+           f"- compression ratio: {results['compression_ratio']:.1f}x", "",
+           "| stage | test accuracy |", "|---|---|"]
+  lines += [f"| {stage} | {100 * a:.2f}% |" for stage, a in results["accuracy"].items()]
+  lines += ["", "| layer | shape | kept % | K | index bits | coded bits / weight | coding | bytes |",
+            "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['kept_percent']:.1f} | "
+                 f"{r['clusters']} | {r['index_bits']} | {r['coded_bits_per_weight']:.2f} | "
+                 f"{r['coding']} | {r['bytes']:,} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_compression(workdir: pathlib.Path, results: dict, params: Any, quantized: Any,
+                      file_sizes: dict) -> tuple[str, list[str]]:
+  """report.json, report.md, weights.png and stages.png; returns (Markdown, plots)."""
+  rows = layer_rows(quantized, file_sizes)
+  text = _compression_markdown(results, rows)
+  if not _is_writer():
+    return text, []
+  (workdir / "report.json").write_text(json.dumps({**results, "layers": rows}, indent=2))
+  (workdir / "report.md").write_text(text)
+  return text, _plot_weights(workdir, params, quantized) + _plot_stages(workdir, results)
+
+
+def _plot_weights(workdir, params, quantized) -> list[str]:
+  """weights.png: the largest clustered layer's weights and its centroids."""
+  leaves = gkq.clustered_leaves(quantized)
+  if not leaves:
+    return []
+  plt = _pyplot()
+  path, leaf = max(leaves, key=lambda pl: int(np.prod(pl[1].shape)))
+  original = dict(gkq.named_leaves(params)).get(path)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  if original is not None:
+    values = np.asarray(original).reshape(-1)
+    values = values[values != 0] if leaf.pinned_zero else values
+    ax.hist(values, bins=200, color="tab:blue", alpha=0.7, label="weights before clustering")
+  for c in np.unique(np.asarray(leaf.codebook)):
+    ax.axvline(c, color="tab:red", lw=0.8)
+  ax.plot([], [], color="tab:red", label="shared values (centroids)")
+  ax.set(title=f"{path}: {leaf.num_clusters} clusters", xlabel="weight", ylabel="count")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(workdir / "weights.png", dpi=120)
+  plt.close(fig)
+  return ["weights.png"]
+
+
+def _plot_stages(workdir, results) -> list[str]:
+  """stages.png: accuracy and size per stage."""
+  plt = _pyplot()
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+  stages = list(results["accuracy"])
+  values = [100 * results["accuracy"][s] for s in stages]
+  bars = a1.bar(stages, values, color="tab:green")
+  a1.bar_label(bars, fmt="%.2f", fontsize=8)
+  # Zoomed: the differences between stages are what the plot is for.
+  a1.set_ylim(max(0.0, min(values) - 2.0), min(100.0, max(values) + 1.0))
+  a1.set(ylabel="test accuracy (%)", title="accuracy per stage")
+  a1.tick_params(axis="x", rotation=30)
+  sizes = {"fp32": results["fp32_bytes"], "compressed file": results["compressed_bytes"]}
+  size_bars = a2.bar(list(sizes), [v / 1024 for v in sizes.values()], color="tab:purple")
+  a2.bar_label(size_bars, fmt="%.1f", fontsize=8)
+  a2.set(ylabel="KiB", title=f"size ({results['compression_ratio']:.1f}x smaller)")
+  fig.tight_layout()
+  fig.savefig(workdir / "stages.png", dpi=120)
+  plt.close(fig)
+  return ["stages.png"]
+
+
+# ------------------------------------------------------------------ studies
+
+
+def write_sensitivity(workdir: pathlib.Path, rows: list[dict], baseline: float) -> None:
+  """sensitivity.csv and sensitivity.png."""
+  if not _is_writer():
+    return
+  with (workdir / "sensitivity.csv").open("w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for path in dict.fromkeys(r["layer"] for r in rows):
+    mine = [r for r in rows if r["layer"] == path]
+    ax.plot([r["bits"] for r in mine], [100 * r["test_accuracy"] for r in mine], marker="o",
+            label=path)
+  ax.axhline(100 * baseline, color="k", ls="--", lw=0.8, label="fp32")
+  ax.set(xlabel="bits (2^bits shared values) for this layer only", ylabel="test accuracy (%)",
+         title="layer sensitivity")
+  ax.legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(workdir / "sensitivity.png", dpi=120)
+  plt.close(fig)
+
+
+def write_compare(workdir: pathlib.Path, rows: list[dict], baseline: float) -> str:
+  """compare.md; returns its text."""
+  lines = ["| method | bits | accuracy before fine-tuning | after |", "|---|---|---|---|"]
+  lines += [f"| {r['method']} | {r['bits']} | {100 * r['before_finetune']:.2f}% | "
+            f"{100 * r['after_finetune']:.2f}% |" for r in rows]
+  text = f"baseline fp32: {100 * baseline:.2f}%\n\n" + "\n".join(lines) + "\n"
+  if _is_writer():
+    (workdir / "compare.md").write_text(text)
+  return text

@@ -1,0 +1,108 @@
+"""The command-line job's entry: data, model, baseline, then the mode.
+
+``main.py`` parses flags and calls :func:`run`; everything here takes a config
+and a workdir, so tests drive the same code on tiny data.
+
+Modes: ``train`` (baseline only), ``compress`` (the full pipeline, default:
+:mod:`gkq_jax.job.pipeline`), ``sensitivity`` and ``compare``
+(:mod:`gkq_jax.job.studies`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from gkq_jax.job import data as data_lib
+from gkq_jax.job import models
+from gkq_jax.job import pipeline
+from gkq_jax.job import report as report_lib
+from gkq_jax.job import studies
+from gkq_jax.job import train as train_lib
+
+MODES = {
+    "train": lambda ctx, state, results: results,
+    "compress": pipeline.compress,
+    "sensitivity": studies.sensitivity,
+    "compare": studies.compare,
+}
+
+
+def prepare_workdir(workdir) -> pathlib.Path:
+  path = pathlib.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise ValueError(f"workdir {path} cannot be written ({e.strerror}); pass "
+                     "--workdir=<a folder you can write>.") from None
+  return path
+
+
+def restore_init_checkpoint(path: str, state: train_lib.TrainState) -> train_lib.TrainState:
+  """Weights (and batch statistics) from another run's checkpoint folder."""
+  folder = pathlib.Path(path).resolve()
+  if not folder.exists():
+    raise ValueError(f"init_checkpoint {folder} does not exist.")
+  with ocp.CheckpointManager(folder) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise ValueError(f"init_checkpoint {folder} holds no checkpoint; point it at a folder "
+                       "such as runs/<name>/checkpoints/baseline.")
+    raw = manager.restore(step, args=ocp.args.StandardRestore())
+  restored = {"params": raw.get("params"), "batch_stats": raw.get("batch_stats")}
+  expected = {"params": state.params, "batch_stats": state.batch_stats}
+  shapes = lambda t: jax.tree.map(lambda x: tuple(np.shape(x)), t)
+  try:
+    same = shapes(restored) == shapes(expected)
+  except Exception:  # noqa: BLE001 - different structures
+    same = False
+  if not same:
+    raise ValueError(f"init_checkpoint {folder} is of another model (its parameter tree or "
+                     "shapes differ from this config's model); use the config that wrote it.")
+  return state.replace(params=jax.tree.map(np.asarray, restored["params"]),
+                       batch_stats=jax.tree.map(np.asarray, restored["batch_stats"]))
+
+
+def run(config, workdir) -> dict:
+  """Runs the configured mode; returns its results dict (also in results.json)."""
+  if config.mode not in MODES:
+    raise ValueError(f"config.mode={config.mode!r} is not one of {tuple(MODES)}.")
+  if config.distributed:
+    jax.distributed.initialize()
+  workdir = prepare_workdir(workdir)
+  data = data_lib.load(config.dataset, config.image_size)
+  logging.info("data %s: %d train examples of shape %s, %d classes", data.name,
+               data.num_train, data.sample_shape, data.num_classes)
+  model = models.create_model(config, data.num_classes)
+  ctx = pipeline.Context(config, data, train_lib.Mesh1D(), report_lib.MetricWriter(workdir),
+                         workdir)
+  tx = ctx.optimizer(config.num_epochs, config.learning_rate)
+  state = train_lib.init_state(model, data.sample_shape, tx, config.seed)
+  if config.init_checkpoint:
+    state = restore_init_checkpoint(config.init_checkpoint, state)
+  else:
+    state = ctx.train(state, config.num_epochs, "baseline")
+  baseline = train_lib.evaluate(state, data, config.eval_batch_size, ctx.mesh)
+  results = {"parameters": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
+             "baseline_test_loss": baseline["test_loss"],
+             "accuracy": {"baseline": baseline["test_accuracy"]}}
+  results = MODES[config.mode](ctx, state, results)
+  report_lib.write_results(workdir, results)
+  logging.info("results: %s", json.dumps(results))
+  return results
+
+
+def default_workdir(config_path: str) -> str:
+  """runs/<config name>[-<variant>] for --config=configs/<name>.py[:<variant>]."""
+  path, _, variant = config_path.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", f"{name}-{variant}" if variant else name)

@@ -1,0 +1,44 @@
+"""Which parameters are clustered, and into how many values (gkq_jax.rules)."""
+
+import numpy as np
+import pytest
+
+import gkq_jax as gkq
+
+
+def linen_like_params():
+  rng = np.random.default_rng(0)
+  shapes = {"Conv_0": (3, 3, 2, 6), "Conv_1": (3, 3, 6, 5), "Dense_0": (20, 16),
+            "Dense_1": (16, 10)}
+  return {"params": {name: {"kernel": rng.standard_normal(s).astype(np.float32),
+                            "bias": np.zeros(s[-1], np.float32)}
+                     for name, s in shapes.items()}}
+
+
+def test_rules_choose_clusters_per_parameter():
+  params = linen_like_params()
+  rules = [gkq.ClusterRule(r"Conv_\d/kernel$", 4), gkq.bits_rule(r"Dense_1/kernel$", 1),
+           gkq.ClusterRule(r"Dense_0/kernel$", 0)]
+  q = gkq.quantize(params, None, rules)
+  ks = {p: c.num_clusters for p, c in gkq.clustered_leaves(q)}
+  assert ks == {"params/Conv_0/kernel": 4, "params/Conv_1/kernel": 4,
+                "params/Dense_1/kernel": 2}
+  assert not isinstance(q["params"]["Dense_0"]["kernel"], gkq.ClusteredArray)
+
+
+def test_selected_leaves_and_min_ndim():
+  params = linen_like_params()
+  chosen = gkq.selected_leaves(params, [gkq.ClusterRule("Conv_0", 4), gkq.ClusterRule(".", 8)])
+  named = dict(gkq.named_leaves(chosen))
+  assert named["params/Conv_0/kernel"] and named["params/Dense_1/kernel"]
+  assert not named["params/Conv_0/bias"]  # ndim 1 < min_ndim 2
+  assert gkq.clusters_for([gkq.ClusterRule("bias", 4, min_ndim=1)], "x/bias", np.zeros(3)) == 4
+
+
+def test_rule_that_matches_nothing_is_an_error():
+  with pytest.raises(ValueError, match=r"rule 'Cnov' matches no parameter. Paths look like"):
+    gkq.check_rules(linen_like_params(), [gkq.ClusterRule("Cnov", 4)])
+  with pytest.raises(ValueError, match="not a valid regex"):
+    gkq.ClusterRule("(", 4)
+  with pytest.raises(ValueError, match="bits must be in 1..16"):
+    gkq.bits_rule("kernel", 17)

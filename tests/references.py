@@ -1,0 +1,39 @@
+"""Independent reference implementations the tests compare against."""
+
+import itertools
+
+import numpy as np
+
+
+def sse(x, h, c, a):
+  """Weighted SSE of assignment ``a`` to centroids ``c``."""
+  return float((h * (x - np.asarray(c)[np.asarray(a)]) ** 2).sum())
+
+
+def brute_force_optimum(x, h, k, objective):
+  """Best contiguous partition of the sorted points, by enumeration."""
+  order = np.argsort(x)
+  xs, hs = x[order].astype(np.float64), h[order].astype(np.float64)
+  best = np.inf
+  for cuts in itertools.combinations(range(1, len(xs)), k - 1):
+    total = 0.0
+    for part_x, part_h in zip(np.split(xs, cuts), np.split(hs, cuts)):
+      if objective == "l2":
+        mu = (part_h * part_x).sum() / part_h.sum()
+        total += (part_h * (part_x - mu) ** 2).sum()
+      else:
+        total += min((part_h * np.abs(part_x - m)).sum() for m in part_x)
+    best = min(best, total)
+  return best
+
+
+def numpy_weighted_lloyd(x, h, c, iters):
+  """Textbook Lloyd with a full distance matrix."""
+  c = np.array(c, np.float64)
+  for _ in range(iters):
+    a = np.argmin(np.abs(x[:, None] - c[None, :]), axis=1)
+    for k in range(len(c)):
+      m = a == k
+      if h[m].sum() > 0:
+        c[k] = (h[m] * x[m]).sum() / h[m].sum()
+  return np.sort(c)
