@@ -20,6 +20,9 @@ def get_config():
   c.cutout = 0  # with augment: side of a random square set to 0 (16 for CIFAR-10)
   c.label_smoothing = 0.0  # of the training loss (evaluation uses the plain loss)
   c.seed = 0
+  # Examples carved from the training set (drawn by seed) to choose schedules
+  # and hyperparameters on; reports then give validation and test accuracy.
+  c.validation_size = 0
   c.log_every = 50
   c.distributed = False  # jax.distributed.initialize() for multi-host runs
   c.mode = "compress"  # "train", "compress", "sensitivity" or "compare"

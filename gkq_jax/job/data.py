@@ -43,6 +43,9 @@ class Dataset:
   test_y: np.ndarray
   num_classes: int
   name: str
+  # Carved from the training set by carve_validation(); None when there is none.
+  val_x: np.ndarray | None = None
+  val_y: np.ndarray | None = None
 
   @property
   def num_train(self) -> int:
@@ -57,6 +60,28 @@ class Dataset:
 
   def test_batches(self, batch_size: int):
     return eval_batches(self.test_x, self.test_y, batch_size)
+
+  @property
+  def has_validation(self) -> bool:
+    return self.val_x is not None
+
+  def validation_batches(self, batch_size: int):
+    return eval_batches(self.val_x, self.val_y, batch_size)
+
+
+def carve_validation(ds: Dataset, size: int, seed: int) -> Dataset:
+  """``ds`` with ``size`` training examples, drawn by ``seed``, moved to a
+  validation split: schedules and hyperparameters are chosen on it, so the
+  test set is only reported. The same (size, seed) always gives the same split."""
+  n = len(ds.train_x)
+  if not 0 < size < n:
+    raise DataError(f"validation_size={size} must be between 1 and {n - 1} (the training set "
+                    f"of {ds.name} has {n} examples); set --config.validation_size=0 for no "
+                    "validation split.")
+  order = np.random.default_rng([seed, 0x5A11]).permutation(n)
+  val, train = np.sort(order[:size]), np.sort(order[size:])
+  return dataclasses.replace(ds, train_x=ds.train_x[train], train_y=ds.train_y[train],
+                             val_x=ds.train_x[val], val_y=ds.train_y[val])
 
 
 def _normalise(train, test):

@@ -40,9 +40,19 @@ class Context:
   def steps_per_epoch(self) -> int:
     return max(1, self.data.num_train // self.config.batch_size)
 
-  def evaluate(self, state, params=None) -> float:
+  def evaluate(self, state, params=None, split: str = "test") -> float:
     return train_lib.evaluate(state, self.data, self.config.eval_batch_size, self.mesh,
-                              params)["test_accuracy"]
+                              params, split)[f"{split}_accuracy"]
+
+  def score(self, results: dict, stage: str, state, params=None) -> float:
+    """Records the stage's test accuracy in ``results["accuracy"]`` and, with a
+    validation split, its validation accuracy (the one to choose settings by)
+    in ``results["validation_accuracy"]``; returns the test accuracy."""
+    results.setdefault("accuracy", {})[stage] = self.evaluate(state, params)
+    if getattr(self.data, "has_validation", False):
+      results.setdefault("validation_accuracy", {})[stage] = self.evaluate(
+          state, params, "validation")
+    return results["accuracy"][stage]
 
   def optimizer(self, epochs: int, learning_rate: float) -> optax.GradientTransformation:
     c = self.config
@@ -180,19 +190,18 @@ def compress(ctx: Context, state, results: dict) -> dict:
   config = ctx.config
   rules = cluster_rules(config)
   gkq.check_rules(state.params, rules)
-  acc = results["accuracy"]
   teacher = {"params": state.params, "batch_stats": state.batch_stats}
   masks = None
   if config.prune.enabled:
     state, masks = prune_stage(ctx, state, rules, teacher)
-    acc["pruned"] = ctx.evaluate(state)
+    ctx.score(results, "pruned", state)
   before_clustering = state.params
   q = quantize_stage(ctx, state, rules, masks)
-  acc["quantized"] = ctx.evaluate(state, gkq.dequantize(q))
+  ctx.score(results, "quantized", state, gkq.dequantize(q))
   state, q = finetune_stage(ctx, state, q, masks, teacher)
-  acc["finetuned"] = ctx.evaluate(state)
+  ctx.score(results, "finetuned", state)
   path, nbytes, sizes, file_state = encode_stage(ctx, state, q)
-  acc["compressed_file"] = ctx.evaluate(file_state)
+  ctx.score(results, "compressed_file", file_state)
 
   fp32 = report_lib.fp32_bytes(teacher if state.batch_stats is not None else teacher["params"])
   results.update(fp32_bytes=fp32, compressed_bytes=nbytes, compression_ratio=fp32 / nbytes,

@@ -77,14 +77,24 @@ def layer_rows(quantized: Any, file_sizes: dict) -> list[dict]:
   return rows
 
 
+def _accuracy_table(results: dict) -> list[str]:
+  """Stage | test accuracy [| validation accuracy] rows."""
+  val = results.get("validation_accuracy")
+  if not val:
+    return ["| stage | test accuracy |", "|---|---|"] + [
+        f"| {stage} | {100 * a:.2f}% |" for stage, a in results["accuracy"].items()]
+  return ["| stage | validation accuracy | test accuracy |", "|---|---|---|"] + [
+      f"| {stage} | {100 * val[stage]:.2f}% | {100 * a:.2f}% |"
+      for stage, a in results["accuracy"].items()]
+
+
 def _compression_markdown(results: dict, rows: list[dict]) -> str:
   lines = ["# gkq_jax compression report", "",
            f"- fp32 bytes (all model variables): {results['fp32_bytes']:,}",
            f"- compressed file: {results['compressed_bytes']:,} bytes "
            f"({results['compressed_file']})",
            f"- compression ratio: {results['compression_ratio']:.1f}x", "",
-           "| stage | test accuracy |", "|---|---|"]
-  lines += [f"| {stage} | {100 * a:.2f}% |" for stage, a in results["accuracy"].items()]
+           *_accuracy_table(results)]
   lines += ["", "| layer | shape | kept % | K | index bits | coded bits / weight | coding | bytes |",
             "|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -180,9 +190,17 @@ def write_sensitivity(workdir: pathlib.Path, rows: list[dict], baseline: float) 
 
 def write_compare(workdir: pathlib.Path, rows: list[dict], baseline: float) -> str:
   """compare.md; returns its text."""
-  lines = ["| method | bits | accuracy before fine-tuning | after |", "|---|---|---|---|"]
-  lines += [f"| {r['method']} | {r['bits']} | {100 * r['before_finetune']:.2f}% | "
-            f"{100 * r['after_finetune']:.2f}% |" for r in rows]
+  if "validation_after_finetune" in rows[0]:
+    lines = ["| method | bits | validation before fine-tuning | after | test before "
+             "fine-tuning | after |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['bits']} | {100 * r['validation_before_finetune']:.2f}% | "
+              f"{100 * r['validation_after_finetune']:.2f}% | "
+              f"{100 * r['before_finetune']:.2f}% | {100 * r['after_finetune']:.2f}% |"
+              for r in rows]
+  else:
+    lines = ["| method | bits | accuracy before fine-tuning | after |", "|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['bits']} | {100 * r['before_finetune']:.2f}% | "
+              f"{100 * r['after_finetune']:.2f}% |" for r in rows]
   text = f"baseline fp32: {100 * baseline:.2f}%\n\n" + "\n".join(lines) + "\n"
   if _is_writer():
     (workdir / "compare.md").write_text(text)

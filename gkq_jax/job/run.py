@@ -80,6 +80,8 @@ def run(config, workdir) -> dict:
     jax.distributed.initialize()
   workdir = prepare_workdir(workdir)
   data = data_lib.load(config.dataset, config.image_size)
+  if config.validation_size:
+    data = data_lib.carve_validation(data, config.validation_size, config.seed)
   logging.info("data %s: %d train examples of shape %s, %d classes", data.name,
                data.num_train, data.sample_shape, data.num_classes)
   model = models.create_model(config, data.num_classes)
@@ -93,8 +95,8 @@ def run(config, workdir) -> dict:
     state = ctx.train(state, config.num_epochs, "baseline")
   baseline = train_lib.evaluate(state, data, config.eval_batch_size, ctx.mesh)
   results = {"parameters": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
-             "baseline_test_loss": baseline["test_loss"],
-             "accuracy": {"baseline": baseline["test_accuracy"]}}
+             "baseline_test_loss": baseline["test_loss"]}
+  ctx.score(results, "baseline", state)
   results = MODES[config.mode](ctx, state, results)
   report_lib.write_results(workdir, results)
   logging.info("results: %s", json.dumps(results))

@@ -30,8 +30,12 @@ def sensitivity(ctx: pipeline.Context, state, results: dict) -> dict:
       rule = [gkq.bits_rule("^" + re.escape(path) + "$", int(bits))]
       q = gkq.quantize(state.params, imp, rule, method=config.quantize.method,
                        init=config.quantize.init)
+      scores = {}
+      ctx.score(scores, "q", state, gkq.dequantize(q))
       rows.append({"layer": path, "bits": int(bits), "clusters": 2 ** int(bits),
-                   "test_accuracy": ctx.evaluate(state, gkq.dequantize(q))})
+                   "test_accuracy": scores["accuracy"]["q"],
+                   **({"validation_accuracy": scores["validation_accuracy"]["q"]}
+                      if "validation_accuracy" in scores else {})})
       logging.info("sensitivity %s at %d bits: %.4f", path, bits, rows[-1]["test_accuracy"])
   report_lib.write_sensitivity(ctx.workdir, rows, results["accuracy"]["baseline"])
   results["sensitivity"] = rows
@@ -62,13 +66,16 @@ def compare(ctx: pipeline.Context, state, results: dict) -> dict:
     for name, (importance, method, init, max_iter) in COMPARE_METHODS.items():
       q = gkq.quantize(base_params, importances[importance], rules, method=method, init=init,
                        max_iter=max_iter, key=jax.random.PRNGKey(config.seed))
-      before = ctx.evaluate(state, gkq.dequantize(q))
+      scores = {}
+      before = ctx.score(scores, "before_finetune", state, gkq.dequantize(q))
       stage = f"compare_{name.replace(' ', '_')}_{bits}bit"
       tuned, _ = pipeline.finetune_stage(ctx, state.replace(params=base_params), q, None,
                                          stage=stage, epochs=config.compare.finetune_epochs)
-      after = ctx.evaluate(tuned)
+      after = ctx.score(scores, "after_finetune", tuned)
       rows.append({"method": name, "bits": int(bits), "before_finetune": before,
-                   "after_finetune": after})
+                   "after_finetune": after,
+                   **{f"validation_{k}": v for k, v in scores.get("validation_accuracy",
+                                                                  {}).items()}})
       logging.info("compare %s %d bits: %.4f -> %.4f", name, bits, before, after)
   print(report_lib.write_compare(ctx.workdir, rows, results["accuracy"]["baseline"]))
   results["compare"] = rows

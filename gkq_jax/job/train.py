@@ -133,17 +133,20 @@ class Mesh1D:
     return jax.device_put(tree, self.replicated)
 
 
-def evaluate(state: TrainState, data, batch_size: int, mesh: Mesh1D, params=None) -> dict:
-  """Test loss and accuracy of ``state`` (or of ``params`` in its model)."""
+def evaluate(state: TrainState, data, batch_size: int, mesh: Mesh1D, params=None,
+             split: str = "test") -> dict:
+  """{split}_loss and {split}_accuracy of ``state`` (or of ``params`` in its
+  model) on the "test" or "validation" split of ``data``."""
   step = _jitted_eval()
   params = state.params if params is None else params
   totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-  for batch in data.test_batches(batch_size):
+  batches = data.test_batches if split == "test" else data.validation_batches
+  for batch in batches(batch_size):
     out = step(state, params, mesh.put_batch(batch))
     for k in totals:
       totals[k] += float(out[k])
-  return {"test_loss": totals["loss"] / totals["count"],
-          "test_accuracy": totals["correct"] / totals["count"]}
+  return {f"{split}_loss": totals["loss"] / totals["count"],
+          f"{split}_accuracy": totals["correct"] / totals["count"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,6 +245,8 @@ def fit(state: TrainState, data, step: Callable, *, num_epochs: int, batch_size:
                     train_accuracy=float(np.mean([float(a) for a in accs])),
                     epoch_seconds=time.perf_counter() - t0)
       record.update(evaluate(state, data, eval_batch_size, mesh))
+      if getattr(data, "has_validation", False):
+        record.update(evaluate(state, data, eval_batch_size, mesh, split="validation"))
       writer.write(**record)
       manager.save(epoch + 1, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()

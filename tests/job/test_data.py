@@ -108,3 +108,20 @@ def test_batches_are_deterministic():
   assert a[0][0].shape == (100, 8, 8, 1)
   weights = np.concatenate([w for _, _, w in data_lib.eval_batches(ds.test_x, ds.test_y, 100)])
   assert weights.sum() == len(ds.test_x)
+
+
+def test_validation_split_is_disjoint_stable_and_checked():
+  ds = data_lib.load("digits")
+  carved = data_lib.carve_validation(ds, 300, seed=3)
+  again = data_lib.carve_validation(ds, 300, seed=3)
+  other = data_lib.carve_validation(ds, 300, seed=4)
+  assert len(carved.val_x) == 300 and len(carved.train_x) == len(ds.train_x) - 300
+  np.testing.assert_array_equal(carved.val_x, again.val_x)
+  assert not np.array_equal(carved.val_x, other.val_x)
+  rows = lambda a: {r.tobytes() for r in a.reshape(len(a), -1)}
+  assert not rows(carved.val_x) & rows(carved.train_x)  # digits has no duplicate images
+  assert rows(carved.val_x) | rows(carved.train_x) == rows(ds.train_x)
+  np.testing.assert_array_equal(carved.test_x, ds.test_x)  # the test set is untouched
+  for bad in (0, -1, len(ds.train_x)):
+    with pytest.raises(data_lib.DataError, match="validation_size"):
+      data_lib.carve_validation(ds, bad, seed=0)

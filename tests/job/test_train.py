@@ -15,8 +15,9 @@ from tests.job.tiny import smoke
 
 
 def test_full_run_on_digits_learns(tmp_path):
-  results = run_lib.run(smoke(num_epochs=3), tmp_path)
+  results = run_lib.run(smoke(num_epochs=3, validation_size=200), tmp_path)
   assert results["accuracy"]["baseline"] > 0.8  # chance is 0.1
+  assert results["validation_accuracy"]["baseline"] > 0.8
   assert json.loads((tmp_path / "results.json").read_text()) == results
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["epoch"] for l in lines] == [1, 2, 3]
