@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from gkq_jax.job import layers
+
 
 class MLP(nn.Module):
   """Dense -> ReLU, with BatchNorm + Dropout on every other layer when asked.
@@ -25,16 +27,19 @@ class MLP(nn.Module):
   num_classes: int = 10
   norm_every: int = 0  # 0: no BatchNorm / Dropout
   dropout: float = 0.5
+  ranks: tuple = ()  # ((layer name, rank), ...): low-rank factorized layers (job/layers.py)
+  sparse: tuple = ()  # names of factorized layers with a sparse residual
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(width)(x))
+      x = nn.relu(layers.dense(width, f"Dense_{i}", self.ranks, self.sparse)(x))
       if self.norm_every and i % self.norm_every == 0:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(self.num_classes)(x)
+    return layers.dense(self.num_classes, f"Dense_{len(self.hidden)}", self.ranks,
+                        self.sparse)(x)
 
 
 LENET_300_100 = (300, 100)
@@ -45,16 +50,19 @@ class LeNet5(nn.Module):
   """Caffe's LeNet-5 as in Deep Compression: conv20-5, pool, conv50-5, pool, fc500, fc10."""
 
   num_classes: int = 10
+  conv_widths: Sequence[int] = (20, 50)  # filters of the two convs (filter pruning narrows them)
+  hidden: int = 500
+  ranks: tuple = ()  # ((layer name, rank), ...): low-rank factorized layers (job/layers.py)
+  sparse: tuple = ()  # names of factorized Dense layers with a sparse residual
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(20, (5, 5), padding="VALID")(x)
-    x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.Conv(50, (5, 5), padding="VALID")(x)
-    x = nn.max_pool(x, (2, 2), (2, 2))
+    for i, width in enumerate(self.conv_widths):
+      x = layers.conv(width, (5, 5), f"Conv_{i}", self.ranks, padding="VALID")(x)
+      x = nn.max_pool(x, (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(500)(x))
-    return nn.Dense(self.num_classes)(x)
+    x = nn.relu(layers.dense(self.hidden, "Dense_0", self.ranks, self.sparse)(x))
+    return layers.dense(self.num_classes, "Dense_1", self.ranks, self.sparse)(x)
 
 
 def _conv_and_norm(dtype, train: bool):
@@ -69,13 +77,17 @@ class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
   dtype: Any = jnp.float32
+  mid_filters: int = 0  # width of the inner conv (0: filters); filter pruning narrows it
+  ranks: tuple = ()  # ((conv name, rank), ...): low-rank factorized convs (job/layers.py)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv, norm = _conv_and_norm(self.dtype, train)
-    y = conv(self.filters, (3, 3), self.strides)(x)
+    y = layers.conv(self.mid_filters or self.filters, (3, 3), "Conv_0", self.ranks,
+                    strides=self.strides, use_bias=False, dtype=self.dtype)(x)
     y = nn.relu(norm()(y))
-    y = conv(self.filters, (3, 3))(y)
+    y = layers.conv(self.filters, (3, 3), "Conv_1", self.ranks, use_bias=False,
+                    dtype=self.dtype)(y)
     y = norm(scale_init=nn.initializers.zeros)(y)
     if x.shape[-1] != self.filters or self.strides != 1:
       x = conv(self.filters, (1, 1), self.strides, name="shortcut")(x)
@@ -97,6 +109,9 @@ class ResNet(nn.Module):
   num_classes: int = 10
   stem: str = "cifar"
   dtype: Any = jnp.float32
+  block_widths: Sequence[int] = ()  # inner width of each block (filter pruning); (): filters
+  removed_blocks: Sequence[int] = ()  # indices of identity blocks left out (layer pruning)
+  ranks: tuple = ()  # (("BasicBlock_3/Conv_0", rank), ...): low-rank factorized convs
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -106,10 +121,23 @@ class ResNet(nn.Module):
     x = nn.relu(norm(name="stem_norm")(x))
     if imagenet:
       x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
+    if self.block_widths and len(self.block_widths) != sum(self.stage_sizes):
+      raise ValueError(f"block_widths has {len(self.block_widths)} entries for "
+                       f"{sum(self.stage_sizes)} blocks.")
+    index = 0
     for stage, blocks in enumerate(self.stage_sizes):
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(self.width * 2 ** stage, strides, self.dtype)(x, train)
+        filters, name = self.width * 2 ** stage, f"BasicBlock_{index}"
+        if index not in self.removed_blocks:
+          mid = self.block_widths[index] if self.block_widths else 0
+          x = BasicBlock(filters, strides, self.dtype, mid, layers.scoped(self.ranks, name),
+                         name=name)(x, train)
+        elif strides != 1 or x.shape[-1] != filters:
+          raise ValueError(f"removed_blocks: {name} changes the shape (stride {strides}, "
+                           f"{x.shape[-1]} -> {filters} channels); only identity blocks, "
+                           "not the first of a stage, can be removed.")
+        index += 1
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x)
 
