@@ -7,6 +7,7 @@ in :mod:`gkq_jax.job` (``pip install 'gkq_jax[job]'``) and is never imported her
 from gkq_jax._clustering import Clustering
 from gkq_jax._paths import named_leaves, path_string
 from gkq_jax.encode import CorruptFileError, load, save
+from gkq_jax.energy import EnergyCosts, EnergyEstimate, estimate_energy
 from gkq_jax.exact1d import optimal_centroids
 from gkq_jax.importance import IMPORTANCE_KINDS, compute_importance
 from gkq_jax.kmeans1d import grouped_kmeans_1d, kmeans_1d, weighted_error
@@ -25,4 +26,5 @@ __all__ = [
     "magnitude_masks", "sparsity", "GRANULARITIES", "ClusteredArray", "clustered_leaves",
     "dequantize", "is_clustered", "quantize", "DEFAULT_RULES", "ClusterRule", "bits_rule",
     "check_rules", "clusters_for", "selected_leaves", "refresh_codebooks", "share_centroids",
+    "EnergyCosts", "EnergyEstimate", "estimate_energy",
 ]
