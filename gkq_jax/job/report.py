@@ -88,12 +88,24 @@ def _accuracy_table(results: dict) -> list[str]:
       for stage, a in results["accuracy"].items()]
 
 
+def _energy_line(results: dict) -> list[str]:
+  """One line: estimated energy per example of each stage (gkq_jax/energy.py's model)."""
+  stages = results.get("energy", {}).get("stages")
+  if not stages:
+    return []
+  parts = ", ".join(f"{name} {e['total_uj']:.3g} uJ" for name, e in stages.items())
+  first, last = stages[next(iter(stages))], stages[list(stages)[-1]]
+  return [f"- energy per example (estimate, 45 nm): {parts} "
+          f"({first['total_uj'] / last['total_uj']:.1f}x less)"]
+
+
 def _compression_markdown(results: dict, rows: list[dict]) -> str:
   lines = ["# gkq_jax compression report", "",
            f"- fp32 bytes (all model variables): {results['fp32_bytes']:,}",
            f"- compressed file: {results['compressed_bytes']:,} bytes "
            f"({results['compressed_file']})",
-           f"- compression ratio: {results['compression_ratio']:.1f}x", "",
+           f"- compression ratio: {results['compression_ratio']:.1f}x",
+           *_energy_line(results), "",
            *_accuracy_table(results)]
   lines += ["", "| layer | shape | kept % | K | index bits | coded bits / weight | coding | bytes |",
             "|---|---|---|---|---|---|---|---|"]
@@ -141,9 +153,11 @@ def _plot_weights(workdir, params, quantized) -> list[str]:
 
 
 def _plot_stages(workdir, results) -> list[str]:
-  """stages.png: accuracy and size per stage."""
+  """stages.png: accuracy and size per stage (and estimated energy, when known)."""
   plt = _pyplot()
-  fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+  energy = results.get("energy", {}).get("stages")
+  fig, axes = plt.subplots(1, 3 if energy else 2, figsize=(13.5 if energy else 9, 3.6))
+  a1, a2 = axes[:2]
   stages = list(results["accuracy"])
   values = [100 * results["accuracy"][s] for s in stages]
   bars = a1.bar(stages, values, color="tab:green")
@@ -156,6 +170,11 @@ def _plot_stages(workdir, results) -> list[str]:
   size_bars = a2.bar(list(sizes), [v / 1024 for v in sizes.values()], color="tab:purple")
   a2.bar_label(size_bars, fmt="%.1f", fontsize=8)
   a2.set(ylabel="KiB", title=f"size ({results['compression_ratio']:.1f}x smaller)")
+  if energy:
+    energy_bars = axes[2].bar(list(energy), [e["total_uj"] for e in energy.values()],
+                              color="tab:orange")
+    axes[2].bar_label(energy_bars, fmt="%.3g", fontsize=8)
+    axes[2].set(ylabel="uJ per example", title="energy (estimate, 45 nm)")
   fig.tight_layout()
   fig.savefig(workdir / "stages.png", dpi=120)
   plt.close(fig)
@@ -205,3 +224,82 @@ def write_compare(workdir: pathlib.Path, rows: list[dict], baseline: float) -> s
   if _is_writer():
     (workdir / "compare.md").write_text(text)
   return text
+
+
+# ------------------------------------------------------------------- survey
+
+
+def write_survey_row(path: pathlib.Path, row: dict) -> None:
+  """A finished survey method's row, written atomically: its presence means done."""
+  if _is_writer():
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(row, indent=2))
+    partial.replace(path)
+
+
+def _survey_markdown(rows: list[dict], latency_key: str) -> str:
+  batches = list(rows[0]["latency_ms"])
+  has_val = any(r["validation_accuracy"] is not None for r in rows)
+  head = (["method"] + (["validation acc."] if has_val else []) +
+          ["test acc.", "params", "fp32 bytes", "file bytes", "x smaller", "MACs"] +
+          [f"latency b={b} (ms)" for b in batches] + ["energy (uJ)", "Pareto front"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    energy = r.get("energy")
+    front = [name for name, key in (("bytes", "pareto_bytes"),
+                                    (f"latency b={latency_key}", "pareto_latency")) if r[key]]
+    cells = ([r["method"]] +
+             ([f"{100 * r['validation_accuracy']:.2f}%"
+               if r["validation_accuracy"] is not None else "-"] if has_val else []) +
+             [f"{100 * r['test_accuracy']:.2f}%", f"{r['parameters']:,}",
+              f"{r['fp32_bytes']:,}", f"{r['file_bytes']:,}", f"{r['compression']:.1f}",
+              f"{r['macs']:,}"] +
+             [f"{r['latency_ms'][b]:.3f}" for b in batches] +
+             [f"{energy['total_uj']:.3g}" if energy else "-", ", ".join(front)])
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_survey(workdir: pathlib.Path, rows: list[dict],
+                 latency_key: str) -> tuple[str, list[str]]:
+  """survey.md, survey.json and the accuracy-vs-bytes / -vs-latency plots with
+  the Pareto front marked; returns (Markdown, plot file names)."""
+  text = ("# Compression survey\n\nAll methods from one baseline; test accuracy from each "
+          "method's file; latency: median of the jitted forward, all methods timed in turn; "
+          "Pareto front: no other method is at least as accurate and at most as costly.\n\n"
+          + _survey_markdown(rows, latency_key))
+  if not _is_writer():
+    return text, []
+  (workdir / "survey.md").write_text(text)
+  (workdir / "survey.json").write_text(json.dumps(
+      {"latency_batch_for_pareto": int(latency_key), "rows": rows}, indent=2))
+  plots = [_plot_survey(workdir, rows, lambda r: r["file_bytes"] / 1024,
+                        "file bytes on disk (KiB, log scale)", "pareto_bytes",
+                        "survey_bytes.png"),
+           _plot_survey(workdir, rows, lambda r: r["latency_ms"][latency_key],
+                        f"latency of the jitted forward, batch {latency_key} (ms, log scale)",
+                        "pareto_latency", "survey_latency.png")]
+  return text, plots
+
+
+def _plot_survey(workdir, rows, cost, xlabel, flag, filename) -> str:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8, 5))
+  xs = [cost(r) for r in rows]
+  ys = [100 * r["test_accuracy"] for r in rows]
+  ax.scatter(xs, ys, color="tab:gray", zorder=2, label="method")
+  front = sorted((x, y) for x, y, r in zip(xs, ys, rows) if r[flag])
+  ax.step([x for x, _ in front], [y for _, y in front], where="post", color="tab:red",
+          lw=1.2, zorder=1)
+  ax.scatter([x for x, _ in front], [y for _, y in front], color="tab:red", zorder=3,
+             label="Pareto front")
+  for x, y, r in zip(xs, ys, rows):
+    ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                color="tab:red" if r[flag] else "black")
+  ax.set_xscale("log")
+  ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title="accuracy vs " + xlabel.split(" (")[0])
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(workdir / filename, dpi=120)
+  plt.close(fig)
+  return filename

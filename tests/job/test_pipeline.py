@@ -37,6 +37,20 @@ def test_pipeline_report_file_and_stages(finished_run):
     assert (workdir / name).stat().st_size > 0
 
 
+def test_report_has_energy_per_stage(finished_run):
+  workdir, _ = finished_run
+  report = json.loads((workdir / "report.json").read_text())
+  stages = report["energy"]["stages"]
+  assert list(stages) == ["baseline", "pruned", "compressed_file"]
+  # LeNet-300-100 on 8x8 digits: 64*300 + 300*100 + 100*10 MACs per example.
+  assert stages["baseline"]["dense_macs"] == 64 * 300 + 300 * 100 + 100 * 10
+  totals = [stages[s]["total_uj"] for s in stages]
+  assert totals[0] > totals[1] > totals[2] > 0  # zeros skipped, then 3-bit indices
+  assert stages["pruned"]["macs"] < stages["baseline"]["macs"]
+  assert stages["compressed_file"]["mac_uj"] < stages["pruned"]["mac_uj"]  # int8 MACs
+  assert "energy per example" in (workdir / "report.md").read_text()
+
+
 def test_loaded_file_has_k_values_and_pruned_zeros(finished_run):
   workdir, _ = finished_run
   loaded = gkq.load(workdir / "model.gkq")
