@@ -115,6 +115,7 @@ def save(path, tree: Any) -> tuple[int, dict]:
           "index_dtype": str(np.asarray(leaf.indices).dtype),
           "codebook_shape": list(book.shape), "codebook": sections.add(book.tobytes()),
           "vector_shape": list(leaf.vector_shape) if leaf.vector_shape else None,
+          "vector_axis": int(leaf.vector_axis),
           "pinned_zero": bool(leaf.pinned_zero),
           "indices": _encode_indices(idx, k, leaf.pinned_zero and leaf.vector_shape is None,
                                      sections)})
@@ -185,7 +186,8 @@ def load(path) -> dict:
       vector = tuple(entry["vector_shape"]) if entry["vector_shape"] else None
       leaf = ClusteredArray(jax.numpy.asarray(book),
                             jax.numpy.asarray(idx.astype(entry["index_dtype"]).reshape(
-                                entry["index_shape"])), vector, entry["pinned_zero"])
+                                entry["index_shape"])), vector, entry["pinned_zero"],
+                            entry.get("vector_axis", 0))
     node = tree
     keys = entry["path"].split("/")
     for key in keys[:-1]:

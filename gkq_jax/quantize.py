@@ -16,6 +16,11 @@ Granularities:
   * ``"vector"``: Deep k-Means style; the spatial filters of a conv kernel
     (HWIO -> vectors of H*W) are clustered as vectors with per-coordinate
     importance.
+  * ``"row"``: Deep k-Means' own sharing; the rows of a conv kernel (HWIO ->
+    vectors of W, one per (h, in, out)) are clustered as vectors, one codebook
+    per layer with its rule's K, per-coordinate importance.
+  "vector" and "row" apply to conv kernels only (ndim >= 3): a Dense kernel is
+  an error, so give them rules that match conv kernels.
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gkq_jax import _vectors
 from gkq_jax import rules as rules_lib
 from gkq_jax._paths import named_leaves
 from gkq_jax.kmeans1d import grouped_kmeans_1d
 from gkq_jax.kmeans_vectors import kmeans_vectors
 
-GRANULARITIES = ("layer", "channel", "model", "combined", "vector")
+GRANULARITIES = ("layer", "channel", "model", "combined", "vector", "row")
 
 
 @flax.struct.dataclass
@@ -42,7 +48,9 @@ class ClusteredArray:
   Scalar layouts: ``codebook`` is (C, k), C = 1 or the number of output
   channels (last axis), and ``indices`` has the original shape.
   Vector layout (``vector_shape`` set): ``codebook`` is (k, prod(vector_shape)),
-  ``indices`` has the non-vector axes, and the vector axes lead the original.
+  ``indices`` has the non-vector axes, and the vector axes sit at
+  ``vector_axis`` of the original (0: leading, whole filters; the last spatial
+  axis for kernel rows).
   """
 
   codebook: jax.Array
@@ -50,12 +58,14 @@ class ClusteredArray:
   vector_shape: tuple = flax.struct.field(pytree_node=False, default=None)
   # Index 0 is an exact zero reserved for pruned weights (codebook[..., 0] == 0).
   pinned_zero: bool = flax.struct.field(pytree_node=False, default=False)
+  vector_axis: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def shape(self):
     if self.vector_shape is None:
       return self.indices.shape
-    return tuple(self.vector_shape) + tuple(self.indices.shape)
+    rest = tuple(self.indices.shape)
+    return rest[:self.vector_axis] + tuple(self.vector_shape) + rest[self.vector_axis:]
 
   @property
   def num_clusters(self) -> int:
@@ -65,7 +75,7 @@ class ClusteredArray:
     idx = self.indices.astype(jnp.int32)
     if self.vector_shape is not None:
       vectors = self.codebook[idx]  # (*rest, d)
-      return jnp.moveaxis(vectors, -1, 0).reshape(self.shape)
+      return _vectors.from_vectors(vectors, self.vector_axis, self.vector_shape)
     C, k = self.codebook.shape
     if C == 1:
       return self.codebook[0][idx]
@@ -149,10 +159,10 @@ def quantize(params: Any, importance: Any = None,
                      f"patterns and min_ndim against paths such as {paths[:4]}.")
   key = jax.random.PRNGKey(0) if key is None else key
   out = list(leaves)
-  if granularity == "vector":
+  if granularity in _vectors.VECTOR_LAYOUTS:
     for n, i in enumerate(chosen):
       out[i] = _cluster_vectors(paths[i], leaves[i], imps[i], ks[i],
-                                jax.random.fold_in(key, n), cluster_options)
+                                jax.random.fold_in(key, n), cluster_options, granularity)
   else:
     for i, clustered in zip(chosen, _cluster_scalars(
         [leaves[i] for i in chosen], [imps[i] for i in chosen], [ks[i] for i in chosen],
@@ -222,25 +232,20 @@ def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, o
   return out
 
 
-def _cluster_vectors(path, leaf, imp, k, key, options):
+def _cluster_vectors(path, leaf, imp, k, key, options, layout="vector"):
   a = jnp.asarray(leaf, jnp.float32)
-  if a.ndim < 3:
-    raise ValueError(f"granularity='vector' clusters the spatial filters of conv kernels "
-                     f"(ndim >= 3); {path} has shape {a.shape}. Narrow the rule's "
-                     "pattern or raise its min_ndim to 3.")
-  vector_shape = a.shape[:-2]
-  d = int(np.prod(vector_shape))
-  points = jnp.moveaxis(a.reshape((d,) + a.shape[-2:]), 0, -1).reshape(-1, d)
+  _vectors.check_conv_kernel(path, a.shape, layout)
+  axis, vector_shape = _vectors.layout_of(a.shape, layout)
+  points, rest = _vectors.to_points(a, axis, vector_shape)
   weights = None
   if imp is not None:
-    weights = jnp.moveaxis(jnp.asarray(imp, jnp.float32).reshape((d,) + a.shape[-2:]),
-                           0, -1).reshape(-1, d)
+    weights = _vectors.to_points(jnp.asarray(imp, jnp.float32), axis, vector_shape)[0]
   allowed = {n: options[n] for n in ("init", "max_iter", "tol") if n in options}
   if allowed.get("init") not in (None, "kmeans++", "forgy"):
     allowed.pop("init")
   result = kmeans_vectors(points, weights, k, key=key, **allowed)
-  idx = result.assignments.reshape(a.shape[-2:]).astype(_index_dtype(k))
-  return ClusteredArray(result.centroids, idx, tuple(vector_shape))
+  idx = result.assignments.reshape(rest).astype(_index_dtype(k))
+  return ClusteredArray(result.centroids, idx, tuple(vector_shape), vector_axis=axis)
 
 
 def clustered_leaves(tree: Any) -> list[tuple[str, ClusteredArray]]:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gkq_jax import _vectors
 from gkq_jax.quantize import ClusteredArray, is_clustered
 
 REDUCTIONS = ("mean", "sum")
@@ -31,9 +32,8 @@ def _cluster_segments(leaf: ClusteredArray) -> tuple[jax.Array, int]:
   idx = leaf.indices.astype(jnp.int32)
   if leaf.vector_shape is not None:
     k, d = leaf.codebook.shape
-    coord = jnp.arange(d, dtype=jnp.int32).reshape((d,) + (1,) * idx.ndim)
-    seg = idx[None] * d + coord  # (d, *rest) -> vector axes lead, as in dequantize
-    return seg.reshape(leaf.shape), k * d
+    seg = idx[..., None] * d + jnp.arange(d, dtype=jnp.int32)  # (*rest, d)
+    return _vectors.from_vectors(seg, leaf.vector_axis, leaf.vector_shape), k * d  # as dequantize
   channels, k = leaf.codebook.shape
   if channels > 1:
     idx = idx + jnp.arange(channels, dtype=jnp.int32) * k
