@@ -7,6 +7,10 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.model = "resnet34"
   c.dataset = "digits"  # offline default; see gkq_jax/job/data.py for the specs
+  # Stream tfds: / folder: datasets through grain instead of loading them into
+  # memory (for data that does not fit; each host reads its own shard).
+  c.stream = False
+  c.data_workers = 0  # grain worker processes decoding images (with stream)
   c.num_epochs = 10
   c.batch_size = 64
   c.eval_batch_size = 256
@@ -24,6 +28,7 @@ def get_config():
   # and hyperparameters on; reports then give validation and test accuracy.
   c.validation_size = 0
   c.log_every = 50
+  c.checkpoint_every = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
   c.distributed = False  # jax.distributed.initialize() for multi-host runs
   c.mode = "compress"  # "train", "compress", "sensitivity" or "compare"
   c.init_checkpoint = ""  # a checkpoint folder (e.g. runs/x/checkpoints/baseline) to start from

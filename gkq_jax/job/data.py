@@ -55,8 +55,10 @@ class Dataset:
   def sample_shape(self) -> tuple[int, ...]:
     return tuple(self.train_x.shape[1:])
 
-  def train_batches(self, batch_size: int, seed: int, epoch: int):
-    return train_batches(self, batch_size, seed, epoch)
+  def train_batches(self, batch_size: int, seed: int, epoch: int, resume: dict | None = None):
+    """This host's part of epoch ``epoch``'s global batches; ``resume`` (a
+    position saved by the training loop) continues an interrupted epoch."""
+    return train_batches(self, batch_size, seed, epoch, resume["batches"] if resume else 0)
 
   def test_batches(self, batch_size: int):
     return eval_batches(self.test_x, self.test_y, batch_size)
@@ -156,32 +158,54 @@ def _unpack(archive: pathlib.Path) -> pathlib.Path:
   return entries[0] if len(entries) == 1 and entries[0].is_dir() else target
 
 
-def _read_class_folders(root: pathlib.Path, classes=None):
-  from PIL import Image
+def class_files(root: pathlib.Path, classes=None) -> tuple[list[tuple[str, int]], list[str]]:
+  """((path, label) of every image under <root>/<class>/, class names)."""
   classes = classes or sorted(p.name for p in root.iterdir() if p.is_dir())
   if not classes:
     raise DataError(f"folder: {root} has no class sub-folders (expected <root>/<class>/<image>).")
-  images, labels, shape, first = [], [], None, None
+  files = []
   for label, name in enumerate(classes):
-    files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
-        if (root / name).is_dir() else []
-    for path in files:
-      with Image.open(path) as im:
-        a = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
-      a = a[..., None] if a.ndim == 2 else a
-      if shape is None:
-        shape, first = a.shape, path
-      elif a.shape != shape:
-        raise DataError(f"folder: images of mixed sizes: {first} is {shape}, {path} is "
-                        f"{a.shape}; resize them to one size first.")
-      images.append(a)
-      labels.append(label)
-  if not images:
+    if (root / name).is_dir():
+      files += [(str(p), label) for p in sorted((root / name).iterdir())
+                if p.suffix.lower() in IMAGE_SUFFIXES]
+  if not files:
     raise DataError(f"folder: no image files ({', '.join(IMAGE_SUFFIXES)}) under {root}.")
-  return np.stack(images), np.asarray(labels, np.int32), classes
+  return files, classes
 
 
-def _folder(spec: str):
+def read_image(path: str, image_size: int = 0) -> np.ndarray:
+  """uint8 (H, W, C) pixels of an image file, resized when ``image_size`` is set;
+  an unreadable or truncated file raises a DataError naming it."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      im.load()
+      im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
+      if image_size and im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.BILINEAR)
+      a = np.asarray(im)
+  except (OSError, SyntaxError, ValueError) as e:
+    raise DataError(f"folder: cannot read image {path} ({e}); remove or replace the "
+                    "file.") from None
+  return a[..., None] if a.ndim == 2 else a
+
+
+def _read_class_folders(root: pathlib.Path, classes=None):
+  files, classes = class_files(root, classes)
+  images, shape, first = [], None, None
+  for path, _ in files:
+    a = read_image(path)
+    if shape is None:
+      shape, first = a.shape, path
+    elif a.shape != shape:
+      raise DataError(f"folder: images of mixed sizes: {first} is {shape}, {path} is "
+                      f"{a.shape}; resize them to one size first.")
+    images.append(a)
+  return np.stack(images), np.asarray([label for _, label in files], np.int32), classes
+
+
+def resolve_folder(spec: str) -> pathlib.Path:
+  """The folder a ``folder:`` spec names; a .tar(.gz) archive is unpacked once."""
   path = pathlib.Path(spec)
   if not path.exists():
     raise DataError(f"folder: {path} does not exist.")
@@ -189,6 +213,11 @@ def _folder(spec: str):
     if not tarfile.is_tarfile(path):
       raise DataError(f"folder: {path} is a file but not a tar archive.")
     path = _unpack(path)
+  return path
+
+
+def _folder(spec: str):
+  path = resolve_folder(spec)
   if (path / "train").is_dir() and (path / "test").is_dir():
     tx, ty, classes = _read_class_folders(path / "train")
     vx, vy, _ = _read_class_folders(path / "test", classes)
@@ -197,21 +226,32 @@ def _folder(spec: str):
   return _split(x, y), len(classes)
 
 
-def _tfds(name: str):
+def import_tfds(name: str):
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
     raise DataError(f"tfds:{name} needs tensorflow-datasets, which cannot be imported here "
                     f"({e}); pip install tensorflow-datasets, or use an idx: or folder: "
                     "dataset spec.") from None
+  return tfds
+
+
+def open_tfds(tfds, name: str):
+  """(builder, {"train": source, "test": source}) of a prepared TFDS dataset."""
   try:
     builder = tfds.builder(name)
     sources = {s: tfds.data_source(name, split=s) for s in ("train", "test")}
   except Exception as e:  # tfds raises many types for missing / unknown data
     raise DataError(
         f"tfds:{name} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:160]}). "
-        f"Prepare it once on a machine with internet: pip install tensorflow && "
-        f"tfds build {name} (data goes to ~/tensorflow_datasets or $TFDS_DATA_DIR).") from None
+        f"Prepare it once on a machine with internet (pip install tensorflow && tfds build "
+        f"{name}; data goes to ~/tensorflow_datasets or $TFDS_DATA_DIR), or point at a local "
+        "copy with --config.dataset=folder:<dir or .tar.gz> or idx:<dir>.") from None
+  return builder, sources
+
+
+def _tfds(name: str):
+  builder, sources = open_tfds(import_tfds(name), name)
   arrays = []
   for split in ("train", "test"):
     src = sources[split]
@@ -251,19 +291,38 @@ def load(spec: str, image_size: int | None = None) -> Dataset:
   return Dataset(tx, ty, vx, vy, n, spec)
 
 
-def train_batches(ds: Dataset, batch_size: int, seed: int,
-                  epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """One epoch of shuffled full batches; the order depends only on (seed, epoch),
-  so a resumed run sees exactly the batches an uninterrupted one would."""
+def host_slice(global_batch: int, process_index: int | None = None,
+               process_count: int | None = None) -> slice:
+  """This host's part of every global batch: under ``jax.distributed`` each
+  host reads a disjoint, equal slice, so every example is read by one host."""
+  import jax
+  p = jax.process_index() if process_index is None else process_index
+  n = jax.process_count() if process_count is None else process_count
+  if global_batch % n:
+    raise DataError(f"batch size {global_batch} must be a multiple of the {n} hosts.")
+  local = global_batch // n
+  return slice(p * local, (p + 1) * local)
+
+
+def train_batches(ds: Dataset, batch_size: int, seed: int, epoch: int, start: int = 0,
+                  process_index: int | None = None, process_count: int | None = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """One epoch of shuffled full global batches from batch ``start`` on, this
+  host's slice of each; the order depends only on (seed, epoch), so a resumed
+  run sees exactly the batches an uninterrupted one would."""
   rng = np.random.default_rng([seed, epoch])
   order = rng.permutation(len(ds.train_x))
-  for start in range(0, len(order) - batch_size + 1, batch_size):
-    idx = order[start:start + batch_size]
+  mine = host_slice(batch_size, process_index, process_count)
+  for first in range(start * batch_size, len(order) - batch_size + 1, batch_size):
+    idx = order[first:first + batch_size][mine]
     yield ds.train_x[idx], ds.train_y[idx]
 
 
-def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
-  """Fixed-size batches with a 0/1 weight so the last partial batch counts exactly once."""
+def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int,
+                 process_index: int | None = None, process_count: int | None = None):
+  """Fixed-size global batches (this host's slice of each) with a 0/1 weight, so
+  the last partial batch counts exactly once."""
+  mine = host_slice(batch_size, process_index, process_count)
   for start in range(0, len(x), batch_size):
     bx, by = x[start:start + batch_size], y[start:start + batch_size]
     pad = batch_size - len(bx)
@@ -271,4 +330,4 @@ def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
     if pad:
       bx = np.concatenate([bx, np.zeros((pad,) + bx.shape[1:], bx.dtype)])
       by = np.concatenate([by, np.zeros(pad, by.dtype)])
-    yield bx, by, weight
+    yield bx[mine], by[mine], weight[mine]

@@ -71,7 +71,7 @@ class Context:
                          seed=c.seed, checkpoint_dir=self.workdir / "checkpoints" / stage,
                          mesh=self.mesh, writer=self.writer,
                          eval_batch_size=c.eval_batch_size, log_every=c.log_every,
-                         stage=stage)
+                         checkpoint_every=c.checkpoint_every, stage=stage)
 
   def retrain(self, state, tx, epochs: int, stage: str, extra_loss=None):
     """A fresh optimiser ``tx`` on the current weights, trained ``epochs`` epochs."""

@@ -23,6 +23,7 @@ from gkq_jax.job import data as data_lib
 from gkq_jax.job import models
 from gkq_jax.job import pipeline
 from gkq_jax.job import report as report_lib
+from gkq_jax.job import streaming
 from gkq_jax.job import studies
 from gkq_jax.job import train as train_lib
 
@@ -57,7 +58,8 @@ def restore_init_checkpoint(path: str, state: train_lib.TrainState) -> train_lib
     if step is None:
       raise ValueError(f"init_checkpoint {folder} holds no checkpoint; point it at a folder "
                        "such as runs/<name>/checkpoints/baseline.")
-    raw = manager.restore(step, args=ocp.args.StandardRestore())
+    raw = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore())).state
   restored = {"params": raw.get("params"), "batch_stats": raw.get("batch_stats")}
   expected = {"params": state.params, "batch_stats": state.batch_stats}
   shapes = lambda t: jax.tree.map(lambda x: tuple(np.shape(x)), t)
@@ -72,6 +74,19 @@ def restore_init_checkpoint(path: str, state: train_lib.TrainState) -> train_lib
                        batch_stats=jax.tree.map(np.asarray, restored["batch_stats"]))
 
 
+def load_data(config):
+  """The config's dataset: in memory, or streamed through grain (``config.stream``),
+  with ``config.validation_size`` examples carved off for validation."""
+  if config.stream:
+    data = streaming.open_stream(config.dataset, config.image_size, config.data_workers,
+                                 config.seed)
+    carve = streaming.carve_validation
+  else:
+    data = data_lib.load(config.dataset, config.image_size)
+    carve = data_lib.carve_validation
+  return carve(data, config.validation_size, config.seed) if config.validation_size else data
+
+
 def run(config, workdir) -> dict:
   """Runs the configured mode; returns its results dict (also in results.json)."""
   if config.mode not in MODES:
@@ -79,9 +94,7 @@ def run(config, workdir) -> dict:
   if config.distributed:
     jax.distributed.initialize()
   workdir = prepare_workdir(workdir)
-  data = data_lib.load(config.dataset, config.image_size)
-  if config.validation_size:
-    data = data_lib.carve_validation(data, config.validation_size, config.seed)
+  data = load_data(config)
   logging.info("data %s: %d train examples of shape %s, %d classes", data.name,
                data.num_train, data.sample_shape, data.num_classes)
   model = models.create_model(config, data.num_classes)

@@ -144,7 +144,8 @@ def evaluate(state: TrainState, data, batch_size: int, mesh: Mesh1D, params=None
   for batch in batches(batch_size):
     out = step(state, params, mesh.put_batch(batch))
     for k in totals:
-      totals[k] += float(out[k])
+      # Replicated scalars: under jax.distributed each host reads its own copy.
+      totals[k] += float(np.asarray(out[k].addressable_data(0)))
   return {f"{split}_loss": totals["loss"] / totals["count"],
           f"{split}_accuracy": totals["correct"] / totals["count"]}
 
@@ -163,15 +164,32 @@ def _checkpoint_manager(directory: pathlib.Path) -> ocp.CheckpointManager:
 
 
 def restore_latest(directory: pathlib.Path, target):
-  """(epoch, tree) of the newest checkpoint in ``directory``, or (None, target)."""
+  """(global step, state, data position) of the newest checkpoint in
+  ``directory``, or (None, target, None) when there is none."""
   if not directory.exists():
-    return None, target
+    return None, target, None
   with _checkpoint_manager(directory) as manager:
     step = manager.latest_step()
     if step is None:
-      return None, target
+      return None, target, None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()))
+    return step, restored.state, restored.position
+
+
+def _save(manager, step: int, state, position: dict) -> None:
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             position=ocp.args.JsonSave(position)))
+
+
+def _iterator_state(batches) -> str | None:
+  """A streaming iterator's own state (grain's), to resume it mid-epoch exactly."""
+  get_state = getattr(batches, "get_state", None)
+  if get_state is None:
+    return None
+  state = get_state()
+  return state.decode() if isinstance(state, bytes) else state
 
 
 def make_train_step(*, augment: bool = False, cutout: int = 0, label_smoothing: float = 0.0,
@@ -199,15 +217,18 @@ def make_train_step(*, augment: bool = False, cutout: int = 0, label_smoothing: 
 
 def fit(state: TrainState, data, step: Callable, *, num_epochs: int, batch_size: int,
         seed: int, checkpoint_dir: pathlib.Path, mesh: Mesh1D, writer,
-        eval_batch_size: int, log_every: int = 50, stage: str = "train") -> TrainState:
-  """Trains ``num_epochs`` epochs of ``step``, checkpointing each; resumes a
-  stage in progress from the newest checkpoint in ``checkpoint_dir``.
+        eval_batch_size: int, log_every: int = 50, checkpoint_every: int = 0,
+        stage: str = "train") -> TrainState:
+  """Trains ``num_epochs`` epochs of ``step``, checkpointing at the end of each
+  (and every ``checkpoint_every`` steps when > 0); resumes a stage in progress
+  from the newest checkpoint in ``checkpoint_dir``.
 
+  ``data`` is any object with ``num_train``, ``train_batches(batch_size, seed,
+  epoch, resume)`` and ``test_batches(batch_size)`` (see ``job/data.py`` and
+  ``job/streaming.py``). A checkpoint holds the state and the data position
+  (epoch, batches done and, for a streaming source, its iterator state), so a
+  killed run continues with the batches an uninterrupted one would see.
   ``writer.write(**record)`` gets one record per epoch (``report.MetricWriter``).
-  ``data`` is any object with ``num_train``, ``train_batches(batch_size,
-  seed, epoch)`` and ``test_batches(batch_size)`` (see ``job/data.py``); the
-  batch order depends only on (seed, epoch), so a resumed run sees the
-  batches an uninterrupted one would.
   """
   if batch_size > data.num_train:
     raise ValueError(f"batch_size={batch_size} is larger than the {data.num_train} training "
@@ -216,20 +237,24 @@ def fit(state: TrainState, data, step: Callable, *, num_epochs: int, batch_size:
   if batch_size % mesh.size:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the {mesh.size} devices.")
   steps_per_epoch = data.num_train // batch_size
-  done, state = restore_latest(checkpoint_dir, state)
-  start_epoch = 0 if done is None else done
-  if done is not None:
-    logging.info("%s: resumed from the checkpoint of epoch %d", stage, done)
+  done, state, position = restore_latest(checkpoint_dir, state)
+  done = done or 0
+  if done:
+    logging.info("%s: resumed from the checkpoint of step %d (epoch %d)", stage, done,
+                 done // steps_per_epoch + 1)
   # The step donates its state: work on copies so the caller's arrays (a
   # teacher, masks, the previous stage's weights) stay alive.
   state = mesh.replicate(jax.tree.map(lambda x: jnp.array(x, copy=True), state))
   base_key = jax.random.PRNGKey(seed)
   total_steps = steps_per_epoch * num_epochs
   with _checkpoint_manager(checkpoint_dir) as manager:
-    for epoch in range(start_epoch, num_epochs):
+    for epoch in range(done // steps_per_epoch, num_epochs):
       t0 = time.perf_counter()
+      first = done - epoch * steps_per_epoch  # batches of this epoch already trained
+      resume = position if first > 0 and position and position["epoch"] == epoch else None
+      batches = data.train_batches(batch_size, seed, epoch, resume)
       pending, epoch_losses, accs = [], [], []
-      for i, (x, y) in enumerate(data.train_batches(batch_size, seed, epoch)):
+      for i, (x, y) in enumerate(batches, start=first):
         global_step = epoch * steps_per_epoch + i
         key = jax.random.fold_in(base_key, global_step)
         state, metrics = step(state, mesh.put_batch((x, y)), key)
@@ -237,10 +262,17 @@ def fit(state: TrainState, data, step: Callable, *, num_epochs: int, batch_size:
         accs.append(metrics["accuracy"])
         if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
           epoch_losses += _check_finite(pending, global_step - len(pending) + 1, stage)
-          rate = (i + 1) / (time.perf_counter() - t0)
+          rate = (i + 1 - first) / (time.perf_counter() - t0)
           remaining = total_steps - global_step - 1
           logging.info("%s epoch %d step %d/%d  %.2f steps/s  ETA %s", stage, epoch + 1,
                        i + 1, steps_per_epoch, rate, _eta(remaining / max(rate, 1e-9)))
+        if checkpoint_every and (global_step + 1) % checkpoint_every == 0 \
+            and i + 1 < steps_per_epoch:
+          epoch_losses += _check_finite(pending, global_step - len(pending) + 1, stage)
+          _save(manager, global_step + 1, state, {"epoch": epoch, "batches": i + 1,
+                                                  "iterator": _iterator_state(batches)})
+        if i + 1 == steps_per_epoch:
+          break
       record = dict(stage=stage, epoch=epoch + 1, train_loss=float(np.mean(epoch_losses)),
                     train_accuracy=float(np.mean([float(a) for a in accs])),
                     epoch_seconds=time.perf_counter() - t0)
@@ -248,7 +280,8 @@ def fit(state: TrainState, data, step: Callable, *, num_epochs: int, batch_size:
       if getattr(data, "has_validation", False):
         record.update(evaluate(state, data, eval_batch_size, mesh, split="validation"))
       writer.write(**record)
-      manager.save(epoch + 1, args=ocp.args.StandardSave(state))
+      done = (epoch + 1) * steps_per_epoch
+      _save(manager, done, state, {"epoch": epoch + 1, "batches": 0, "iterator": None})
     manager.wait_until_finished()
   return state
 
