@@ -7,6 +7,9 @@ in :mod:`gkq_jax.job` (``pip install 'gkq_jax[job]'``) and is never imported her
 from gkq_jax._clustering import Clustering
 from gkq_jax._paths import named_leaves, path_string
 from gkq_jax.encode import CorruptFileError, load, save
+from gkq_jax.dkm import (KMeansRegularizerState, add_kmeans_regularizer, kmeans_regularizer,
+                         kmeans_regularizer_grad, kmeans_regularizer_init, merge_states,
+                         refresh_kmeans_regularizer)
 from gkq_jax.energy import EnergyCosts, EnergyEstimate, estimate_energy
 from gkq_jax.exact1d import optimal_centroids
 from gkq_jax.importance import IMPORTANCE_KINDS, compute_importance
@@ -27,4 +30,7 @@ __all__ = [
     "dequantize", "is_clustered", "quantize", "DEFAULT_RULES", "ClusterRule", "bits_rule",
     "check_rules", "clusters_for", "selected_leaves", "refresh_codebooks", "share_centroids",
     "EnergyCosts", "EnergyEstimate", "estimate_energy",
+    "KMeansRegularizerState", "add_kmeans_regularizer", "kmeans_regularizer",
+    "kmeans_regularizer_grad", "kmeans_regularizer_init", "merge_states",
+    "refresh_kmeans_regularizer",
 ]
