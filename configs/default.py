@@ -36,6 +36,12 @@ def get_config():
   c.prune = ml_collections.ConfigDict(dict(
       enabled=False, qualities=(0.5, 0.8, 1.1), epochs_per_round=2, learning_rate=0.01,
       distill=0.0))  # weight of distillation from the unpruned model while retraining
+  # Optimal Brain Damage instead of quality x std: each round removes the weights of least
+  # saliency h w^2 (h: quantize.importance), rounds on Zhu & Gupta's cubic ramp to `sparsity`.
+  c.prune.method = "magnitude"  # or "obd"
+  c.prune.sparsity = 0.9  # obd: final fraction of the selected weights removed, in [0, 1)
+  c.prune.rounds = 4  # obd: rounds of pruning + epochs_per_round of retraining
+  c.prune.scope = "layer"  # obd: "layer" (each to `sparsity`) or "global" (ranked all at once)
   c.quantize = ml_collections.ConfigDict(dict(
       bits=4,  # default for every Dense/Conv kernel
       rules=(),  # extra "regex=bits" rules, first match wins, e.g. ("Dense_0/kernel$=6",)
@@ -43,11 +49,21 @@ def get_config():
       importance_batches=20,
       method="hist", init="dp", objective="l2",
       granularity="layer"))
+  # budget_bytes > 0: model.gkq at most this many bytes; each layer gets the k-means K / ECSQ price
+  # (budget_methods) that minimises the total importance-weighted distortion ("optimal"), or one
+  # setting for all layers ("same"). pin_zero: an exact zero in every codebook (ECSQ may prune).
+  c.quantize.budget_bytes = 0
+  c.quantize.budget_methods = ("kmeans", "ecsq")
+  c.quantize.allocation = "optimal"
+  c.quantize.pin_zero = False
+  c.quantize.budget_clusters = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # k-means K tried per layer
   c.finetune = ml_collections.ConfigDict(dict(
       epochs=2, learning_rate=0.01, reduce="mean",  # "sum": Deep Compression's rule
       distill=0.0))  # weight of distillation from the uncompressed model
   c.sensitivity = ml_collections.ConfigDict(dict(bits=(1, 2, 4, 8)))
   c.compare = ml_collections.ConfigDict(dict(bits=(2, 3, 4), finetune_epochs=1))
+  # equal_bytes mode: methods at the bytes of `bits`-bit fixed-width codebooks (job/equal_bytes.py)
+  c.equal_bytes = ml_collections.ConfigDict(dict(bits=(4, 3, 2), finetune_epochs=2))
   c.mlp = ml_collections.ConfigDict(dict(hidden=(300, 100), norm_every=0, dropout=0.5))
   c.resnet = ml_collections.ConfigDict(dict(
       stem="cifar", width=64,

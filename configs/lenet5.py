@@ -16,6 +16,25 @@ def get_config(variant: str = ""):
     c.dataset = "idx:../shared/datasets/fashion-mnist"
     c.num_epochs = 15
     c.batch_size = 128
+  elif variant == "obd_fashion_mnist":
+    # >= 40x: OBD pruning ranked over all layers, then a 42,000-byte file with each layer's
+    # k-means K or ECSQ price chosen for the least g^2-weighted distortion.
+    c.dataset = "idx:../shared/datasets/fashion-mnist"
+    c.num_epochs = 15
+    c.batch_size = 128
+    c.validation_size = 5000  # carved from the training set: every choice is made on it
+    c.prune.enabled = True
+    c.prune.method = "obd"
+    c.prune.scope = "global"
+    c.prune.sparsity = 0.9
+    c.prune.rounds = 3
+    c.prune.epochs_per_round = 2
+    c.prune.learning_rate = 1e-3
+    c.prune.distill = 1.0
+    c.quantize.budget_bytes = 42_000
+    c.finetune.epochs = 2
+    c.finetune.learning_rate = 2e-4
+    c.finetune.distill = 1.0
   elif variant == "smoke":
     c.num_epochs = 1
     c.batch_size = 32

@@ -9,6 +9,13 @@ setting: iterative pruning to ~7% of the weights, 4-5 bit codebooks, Huffman);
 from configs import default
 
 
+def _fashion_mnist_with_validation(c):
+  c.dataset = "idx:../shared/datasets/fashion-mnist"
+  c.num_epochs = 20
+  c.batch_size = 128
+  c.validation_size = 5000  # carved from the training set: every choice is made on it
+
+
 def get_config(variant: str = ""):
   c = default.get_config()
   c.model = "mlp"
@@ -40,6 +47,28 @@ def get_config(variant: str = ""):
     c.finetune.learning_rate = 5e-4
   elif variant == "fashion_mnist":
     pass
+  elif variant == "obd_fashion_mnist":
+    # >= 50x: Optimal Brain Damage pruning (h w^2, h = g^2) on a cubic ramp, distilling from the
+    # unpruned model, then a 21,000-byte file with each layer's k-means K or ECSQ price chosen
+    # for the least g^2-weighted distortion. Settings chosen on the validation split.
+    _fashion_mnist_with_validation(c)
+    c.prune.enabled = True
+    c.prune.method = "obd"
+    c.prune.sparsity = 0.92
+    c.prune.rounds = 4
+    c.prune.epochs_per_round = 10
+    c.prune.learning_rate = 1e-3
+    c.prune.distill = 1.0
+    c.quantize.budget_bytes = 21_000
+    c.finetune.epochs = 3
+    c.finetune.learning_rate = 2e-4
+    c.finetune.distill = 1.0
+  elif variant == "equal_bytes_fashion_mnist":
+    _fashion_mnist_with_validation(c)
+    c.mode = "equal_bytes"
+    c.equal_bytes.bits = (4, 3, 2)
+    c.equal_bytes.finetune_epochs = 2
+    c.finetune.learning_rate = 5e-4
   elif variant == "speech":
     c.mlp.hidden = (2048, 1950, 1750, 1600, 1400, 1300, 1200, 1000, 800)
     c.mlp.norm_every = 2

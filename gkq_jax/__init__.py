@@ -6,6 +6,9 @@ in :mod:`gkq_jax.job` (``pip install 'gkq_jax[job]'``) and is never imported her
 
 from gkq_jax._clustering import Clustering
 from gkq_jax._paths import named_leaves, path_string
+from gkq_jax.allocation import BudgetResult, Choice, allocate, coded_bytes, quantize_to_budget
+from gkq_jax.ecsq import (EntropyClustering, ecsq_1d, ecsq_for_rate, ecsq_objective,
+                          grouped_ecsq_1d, grouped_uniform_1d, uniform_for_rate)
 from gkq_jax.encode import CorruptFileError, load, save
 from gkq_jax.dkm import (KMeansRegularizerState, add_kmeans_regularizer, kmeans_regularizer,
                          kmeans_regularizer_grad, kmeans_regularizer_init, merge_states,
@@ -15,7 +18,8 @@ from gkq_jax.exact1d import optimal_centroids
 from gkq_jax.importance import IMPORTANCE_KINDS, compute_importance
 from gkq_jax.kmeans1d import grouped_kmeans_1d, kmeans_1d, weighted_error
 from gkq_jax.kmeans_vectors import kmeans_vectors
-from gkq_jax.prune import apply_masks, keep_pruned, magnitude_masks, sparsity
+from gkq_jax.prune import (apply_masks, cubic_sparsity, keep_pruned, magnitude_masks,
+                           saliency_masks, sparsity)
 from gkq_jax.quantize import (GRANULARITIES, ClusteredArray, clustered_leaves, dequantize,
                               is_clustered, quantize)
 from gkq_jax.rules import (DEFAULT_RULES, ClusterRule, bits_rule, check_rules, clusters_for,
@@ -30,6 +34,9 @@ __all__ = [
     "dequantize", "is_clustered", "quantize", "DEFAULT_RULES", "ClusterRule", "bits_rule",
     "check_rules", "clusters_for", "selected_leaves", "refresh_codebooks", "share_centroids",
     "EnergyCosts", "EnergyEstimate", "estimate_energy",
+    "BudgetResult", "Choice", "allocate", "coded_bytes", "quantize_to_budget",
+    "EntropyClustering", "ecsq_1d", "ecsq_for_rate", "ecsq_objective", "grouped_ecsq_1d",
+    "grouped_uniform_1d", "uniform_for_rate", "cubic_sparsity", "saliency_masks",
     "KMeansRegularizerState", "add_kmeans_regularizer", "kmeans_regularizer",
     "kmeans_regularizer_grad", "kmeans_regularizer_init", "merge_states",
     "refresh_kmeans_regularizer",

@@ -178,16 +178,25 @@ class _Problem:
     self.treedef = jax.tree.structure(params)
     self.leaves = [leaf for _, leaf in named]
     rules_lib.check_rules(params, rules)
+    floating = lambda leaf: jax.dtypes.issubdtype(jnp.result_type(leaf), jnp.floating)
     self.chosen = [i for i, (path, leaf) in enumerate(named)
-                   if rules_lib.clusters_for(rules, path, leaf) > 0]
+                   if floating(leaf) and rules_lib.clusters_for(rules, path, leaf) > 0]
     if not self.chosen:
-      raise ValueError("no parameter is selected for clustering: check the rules' patterns.")
-    imps = [None] * len(named) if importance is None else jax.tree_util.tree_leaves(importance)
-    mask_leaves = [None] * len(named) if masks is None else jax.tree_util.tree_leaves(masks)
-    for name, tree in (("importance", imps), ("masks", mask_leaves)):
-      if len(tree) != len(named):
-        raise ValueError(f"{name} must have the same tree structure as params "
-                         f"({len(named)} leaves, got {len(tree)}).")
+      raise ValueError("no parameter is selected for clustering: check the rules' patterns "
+                       f"against paths such as {[p for p, _ in named[:4]]}.")
+    imps, mask_leaves = [None] * len(named), [None] * len(named)
+    for name, tree in (("importance", importance), ("masks", masks)):
+      if tree is None:
+        continue
+      try:  # None leaves (uniform importance, no mask) are allowed
+        leaves = self.treedef.flatten_up_to(tree)
+      except (ValueError, TypeError) as e:
+        raise ValueError(f"{name} must have the same tree structure as params: "
+                         f"{str(e).splitlines()[0]}") from e
+      if name == "importance":
+        imps = leaves
+      else:
+        mask_leaves = leaves
     self.layout, xs, hs = [], [], []
     for i in self.chosen:
       path, leaf = named[i]

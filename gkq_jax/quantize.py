@@ -107,7 +107,7 @@ def _combined_budget(sizes: Sequence[int], ks: Sequence[int], budget: int | None
 def quantize(params: Any, importance: Any = None,
              rules: Sequence[rules_lib.ClusterRule] = rules_lib.DEFAULT_RULES, *,
              granularity: str = "layer", budget: int | None = None, key=None,
-             masks: Any = None, **cluster_options) -> Any:
+             masks: Any = None, budget_bytes: float | None = None, **cluster_options) -> Any:
   """Clusters the selected leaves of ``params``.
 
   Args:
@@ -118,6 +118,12 @@ def quantize(params: Any, importance: Any = None,
       path decides its number of clusters.
     granularity: see the module docstring.
     budget: total centroids for ``granularity="combined"``.
+    budget_bytes: make the selected leaves take at most this many bytes in
+      the file (codebooks + coded indices) with the least importance-weighted
+      distortion: :func:`gkq_jax.quantize_to_budget` (per-layer settings by
+      exact allocation; its options ``methods``, ``allocation``, ``clusters``,
+      ``pin_zero`` ... pass through ``cluster_options``). The rules then only
+      select leaves. granularity="layer" only.
     masks: optional pytree of bools like params (True = kept, e.g. from
       :func:`gkq_jax.prune.magnitude_masks`): pruned weights take no part in
       the clustering and map to a pinned exact-zero centroid (index 0), which
@@ -132,6 +138,13 @@ def quantize(params: Any, importance: Any = None,
   """
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}.")
+  if budget_bytes is not None:
+    if granularity != "layer":
+      raise ValueError(f"budget_bytes allocates one codebook per layer; got "
+                       f"granularity={granularity!r}, use 'layer'.")
+    from gkq_jax import allocation  # it builds on this module
+    return allocation.quantize_to_budget(params, importance, rules, budget_bytes, masks=masks,
+                                         key=key, **cluster_options).quantized
   named = named_leaves(params)
   treedef = jax.tree.structure(params)
   paths = [path for path, _ in named]

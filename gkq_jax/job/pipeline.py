@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import tempfile
 from typing import Any
 
 import jax
@@ -124,27 +125,112 @@ def distillation_loss(state, teacher, weight: float, temperature: float = 4.0):
 # ----------------------------------------------------------------------- stages
 
 
+PRUNE_METHODS = ("magnitude", "obd")
+ALLOCATIONS = ("optimal", "same")
+
+
+def check_config(config) -> None:
+  """Pruning and budget settings, checked before any training."""
+  p, q = config.prune, config.quantize
+  if p.method not in PRUNE_METHODS:
+    raise ValueError(f"prune.method={p.method!r} is not one of {PRUNE_METHODS}.")
+  if p.method == "obd":
+    if int(p.rounds) < 1:
+      raise ValueError(f"prune.rounds must be >= 1, got {p.rounds}.")
+    gkq.cubic_sparsity(1, p.sparsity, int(p.rounds))  # raises on a sparsity outside [0, 1)
+    if p.scope not in gkq.prune.PRUNE_SCOPES:
+      raise ValueError(f"prune.scope={p.scope!r} is not one of {gkq.prune.PRUNE_SCOPES}.")
+  if q.budget_bytes < 0:
+    raise ValueError(f"quantize.budget_bytes must be >= 0 (0: no budget), got {q.budget_bytes}.")
+  bad = [m for m in q.budget_methods if m not in gkq.allocation.METHODS]
+  if bad or not q.budget_methods:
+    raise ValueError(f"quantize.budget_methods={tuple(q.budget_methods)} must be taken from "
+                     f"{gkq.allocation.METHODS}.")
+  if min(q.budget_clusters) < 2:
+    raise ValueError(f"quantize.budget_clusters must all be >= 2, got {tuple(q.budget_clusters)}.")
+  if q.allocation not in ALLOCATIONS:
+    raise ValueError(f"quantize.allocation={q.allocation!r} is not one of {ALLOCATIONS}.")
+
+
+def prune_amounts(cfg) -> list[float]:
+  """Per round: the magnitude rule's quality, or for OBD the sparsity on Zhu &
+  Gupta's cubic ramp (most of it early, while many weights are redundant)."""
+  if cfg.method == "magnitude":
+    return [float(q) for q in cfg.qualities]
+  return [float(gkq.cubic_sparsity(r, cfg.sparsity, int(cfg.rounds)))
+          for r in range(1, int(cfg.rounds) + 1)]
+
+
+def prune_masks(ctx: Context, state, selected, amount: float):
+  """Magnitude masks (quality x std), or OBD's: the fraction ``amount`` with
+  the least saliency h w^2, h the quantizer's importance at the current weights."""
+  cfg = ctx.config.prune
+  if cfg.method == "magnitude":
+    return gkq.magnitude_masks(state.params, selected, amount)
+  importance = importance_of(ctx, state, ctx.config.quantize.importance)
+  return gkq.saliency_masks(state.params, importance, selected, amount, cfg.scope)
+
+
 def prune_stage(ctx: Context, state, rules, teacher=None):
-  """Iterative magnitude pruning with retraining; returns (state, masks)."""
+  """Iterative pruning with retraining; returns (state, masks)."""
   cfg = ctx.config.prune
   selected = gkq.selected_leaves(state.params, rules)
   extra = distillation_loss(state, teacher, cfg.distill) if teacher else None
   masks = None
-  for i, quality in enumerate(cfg.qualities):
+  for i, amount in enumerate(prune_amounts(cfg)):
     # Host copies: the optimiser state that holds them is donated every step.
-    masks = jax.tree.map(np.asarray, gkq.magnitude_masks(state.params, selected,
-                                                         float(quality)))
+    masks = jax.tree.map(np.asarray, prune_masks(ctx, state, selected, amount))
     state = state.replace(params=gkq.apply_masks(state.params, masks))
     tx = gkq.keep_pruned(ctx.optimizer(cfg.epochs_per_round, cfg.learning_rate), masks)
     state = ctx.retrain(state, tx, cfg.epochs_per_round, f"prune_{i + 1}", extra)
-    logging.info("prune round %d (quality %.2f): %.1f%% of selected weights kept", i + 1,
-                 quality, 100 * (1 - gkq.sparsity(state.params, selected)))
+    logging.info("prune round %d (%s %.3f): %.1f%% of selected weights kept", i + 1,
+                 "quality" if cfg.method == "magnitude" else "sparsity", amount,
+                 100 * (1 - gkq.sparsity(state.params, selected)))
   return state, masks
 
 
-def quantize_stage(ctx: Context, state, rules, masks):
+def budget_quantize(ctx: Context, state, rules, masks, importance, results=None):
+  """Quantizes so that the whole ``model.gkq`` takes at most
+  ``quantize.budget_bytes``: the clustered leaves get what the raw leaves,
+  the header and the checksum leave (measured on trial files)."""
+  q = ctx.config.quantize
+  target = int(q.budget_bytes)
+  extra = {} if state.batch_stats is None else {"batch_stats": state.batch_stats}
+
+  def file_bytes(quantized):
+    with tempfile.TemporaryDirectory() as folder:  # a measurement, not an output
+      total, sizes = gkq.save(pathlib.Path(folder) / "trial.gkq", {"params": quantized, **extra})
+    clustered = sum(sizes[p]["bytes"] for p, _ in gkq.clustered_leaves({"params": quantized}))
+    return total, total - clustered
+
+  _, overhead = file_bytes(gkq.quantize(state.params, None, rules, masks=masks))
+  leaf_budget = target - overhead
+  for _ in range(4):  # the header's size moves a little with the codings chosen
+    result = gkq.quantize_to_budget(
+        state.params, importance, rules, leaf_budget, methods=tuple(q.budget_methods),
+        allocation=q.allocation, masks=masks, pin_zero=q.pin_zero,
+        clusters=tuple(q.budget_clusters), key=jax.random.PRNGKey(ctx.config.seed),
+        method=q.method, init=q.init, objective=q.objective)
+    total, _ = file_bytes(result.quantized)
+    if total <= target:
+      break
+    leaf_budget -= total - target
+  else:
+    raise RuntimeError(f"quantize.budget_bytes={target}: the file stays at {total} bytes.")
+  if results is not None:
+    results["budget_bytes"] = target
+    results["allocation"] = [choice._asdict() for choice in result.choices]
+  for choice in result.choices:
+    logging.info("budget: %s -> %s %.4g, %d values, %d bytes", choice.path, choice.method,
+                 choice.setting, choice.num_clusters, choice.bytes)
+  return result.quantized
+
+
+def quantize_stage(ctx: Context, state, rules, masks, results=None):
   q = ctx.config.quantize
   imp = importance_of(ctx, state, q.importance)
+  if q.budget_bytes:
+    return budget_quantize(ctx, state, rules, masks, imp, results)
   return gkq.quantize(state.params, imp, rules, granularity=q.granularity, masks=masks,
                       key=jax.random.PRNGKey(ctx.config.seed), method=q.method, init=q.init,
                       objective=q.objective)
@@ -197,7 +283,7 @@ def compress(ctx: Context, state, results: dict) -> dict:
     state, masks = prune_stage(ctx, state, rules, teacher)
     ctx.score(results, "pruned", state)
   before_clustering = state.params
-  q = quantize_stage(ctx, state, rules, masks)
+  q = quantize_stage(ctx, state, rules, masks, results)
   ctx.score(results, "quantized", state, gkq.dequantize(q))
   state, q = finetune_stage(ctx, state, q, masks, teacher)
   ctx.score(results, "finetuned", state)

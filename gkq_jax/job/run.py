@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from gkq_jax.job import data as data_lib
+from gkq_jax.job import equal_bytes
 from gkq_jax.job import models
 from gkq_jax.job import pipeline
 from gkq_jax.job import report as report_lib
@@ -32,6 +33,7 @@ MODES = {
     "compress": pipeline.compress,
     "sensitivity": studies.sensitivity,
     "compare": studies.compare,
+    "equal_bytes": equal_bytes.equal_bytes,
 }
 
 
@@ -91,6 +93,7 @@ def run(config, workdir) -> dict:
   """Runs the configured mode; returns its results dict (also in results.json)."""
   if config.mode not in MODES:
     raise ValueError(f"config.mode={config.mode!r} is not one of {tuple(MODES)}.")
+  pipeline.check_config(config)
   if config.distributed:
     jax.distributed.initialize()
   workdir = prepare_workdir(workdir)

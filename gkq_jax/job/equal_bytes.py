@@ -1,0 +1,86 @@
+"""Quantization methods at equal file bytes (mode ``equal_bytes``).
+
+For each ``equal_bytes.bits`` b the budget is what b-bit fixed-width
+codebooks take in the file (b bits per weight + a 2^b-entry float32
+codebook per layer). Every method gets that many bytes for the selected
+kernels, Huffman / sparse coding included, and is scored before and after
+``equal_bytes.finetune_epochs`` of fine-tuning on the shared values:
+
+  * ``kmeans``: plain k-means, one K for every layer (the largest that fits);
+  * ``gkq grad_sq``: the same with g^2-weighted k-means;
+  * ``ecsq grad_sq``: entropy-constrained clustering, one price per bit for
+    every layer, found by bisection;
+  * ``uniform + huffman``: uniform cells of one width (bisection), cell means;
+  * ``optimal allocation``: each layer its own k-means K or ECSQ price,
+    chosen by :func:`gkq_jax.allocate` for the least g^2-weighted distortion.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from absl import logging
+
+import gkq_jax as gkq
+from gkq_jax.job import pipeline
+from gkq_jax.job import report as report_lib
+
+METHODS = {
+    # name: (importance kind, candidate families, allocation)
+    "kmeans": ("none", ("kmeans",), "same"),
+    "gkq grad_sq": ("grad_sq", ("kmeans",), "same"),
+    "ecsq grad_sq": ("grad_sq", ("ecsq",), "same"),
+    "uniform + huffman": ("none", ("uniform",), "same"),
+    "optimal allocation": ("grad_sq", ("kmeans", "ecsq"), "optimal"),
+}
+
+
+def fixed_width_bytes(params, rules, bits: int) -> int:
+  """Bytes of the selected leaves at ``bits``-bit fixed-width indices plus a
+  2^bits float32 codebook each: the budget every method gets."""
+  sizes = dict((path, int(np.size(leaf))) for path, leaf in gkq.named_leaves(params))
+  return sum(-(-sizes[path] * bits // 8) + 4 * 2 ** bits
+             for path, use in gkq.named_leaves(gkq.selected_leaves(params, rules)) if use)
+
+
+def grad_sq_distortion(params, quantized, importance) -> float:
+  """sum g^2 (w - q)^2 over the clustered leaves: one yardstick for every method."""
+  dense, imp = dict(gkq.named_leaves(params)), dict(gkq.named_leaves(importance))
+  return float(sum(np.sum(np.asarray(imp[path], np.float64) * (
+      np.asarray(dense[path], np.float64) - np.asarray(leaf.dequantize(), np.float64)) ** 2)
+                   for path, leaf in gkq.clustered_leaves(quantized)))
+
+
+def equal_bytes(ctx: pipeline.Context, state, results: dict) -> dict:
+  config = ctx.config
+  rules = pipeline.cluster_rules(config)
+  base = state.params
+  importances = {kind: pipeline.importance_of(ctx, state, kind)
+                 for kind in {m[0] for m in METHODS.values()}}
+  rows = []
+  for bits in config.equal_bytes.bits:
+    budget = fixed_width_bytes(base, rules, int(bits))
+    for name, (kind, families, allocation) in METHODS.items():
+      imp = None if kind == "none" else importances[kind]
+      out = gkq.quantize_to_budget(base, imp, rules, budget, methods=families,
+                                   allocation=allocation, pin_zero=config.quantize.pin_zero,
+                                   clusters=tuple(config.quantize.budget_clusters),
+                                   key=jax.random.PRNGKey(config.seed))
+      scores = {}
+      before = ctx.score(scores, "before_finetune", state, gkq.dequantize(out.quantized))
+      stage = f"equal_bytes_{name.replace(' ', '_').replace('+', 'and')}_{bits}bit"
+      tuned, _ = pipeline.finetune_stage(ctx, state.replace(params=base), out.quantized, None,
+                                         stage=stage, epochs=config.equal_bytes.finetune_epochs)
+      after = ctx.score(scores, "after_finetune", tuned)
+      rows.append({
+          "method": name, "bits": int(bits), "budget_bytes": budget,
+          "bytes": int(sum(c.bytes for c in out.choices)),
+          "distortion": grad_sq_distortion(base, out.quantized, importances["grad_sq"]),
+          "settings": [f"{c.method} {c.setting:.4g} ({c.num_clusters})" for c in out.choices],
+          "before_finetune": before, "after_finetune": after,
+          **{f"validation_{k}": v for k, v in scores.get("validation_accuracy", {}).items()}})
+      logging.info("equal bytes %s at %d bits: %d bytes, %.4f -> %.4f", name, bits,
+                   rows[-1]["bytes"], before, after)
+  print(report_lib.write_equal_bytes(ctx.workdir, rows, results))
+  results["equal_bytes"] = rows
+  return results
