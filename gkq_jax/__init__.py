@@ -7,6 +7,7 @@ in :mod:`gkq_jax.job` (``pip install 'gkq_jax[job]'``) and is never imported her
 from gkq_jax._clustering import Clustering
 from gkq_jax._paths import named_leaves, path_string
 from gkq_jax.allocation import BudgetResult, Choice, allocate, coded_bytes, quantize_to_budget
+from gkq_jax.channels import cluster_per_channel, stream_per_channel
 from gkq_jax.ecsq import (EntropyClustering, ecsq_1d, ecsq_for_rate, ecsq_objective,
                           grouped_ecsq_1d, grouped_uniform_1d, uniform_for_rate)
 from gkq_jax.encode import CorruptFileError, load, save
@@ -15,9 +16,13 @@ from gkq_jax.dkm import (KMeansRegularizerState, add_kmeans_regularizer, kmeans_
                          refresh_kmeans_regularizer)
 from gkq_jax.energy import EnergyCosts, EnergyEstimate, estimate_energy
 from gkq_jax.exact1d import optimal_centroids
+from gkq_jax.flax_runtime import apply_packed, merge_packed
 from gkq_jax.importance import IMPORTANCE_KINDS, compute_importance
 from gkq_jax.kmeans1d import grouped_kmeans_1d, kmeans_1d, weighted_error
 from gkq_jax.kmeans_vectors import kmeans_vectors
+from gkq_jax.lut_kernel import lut_matmul, lut_matmul_reference, lut_unsupported
+from gkq_jax.packing import (PackedArray, is_packed, pack, pack_indices, pack_tree, unpack,
+                             unpack_indices, unpack_tree)
 from gkq_jax.prune import (apply_masks, cubic_sparsity, keep_pruned, magnitude_masks,
                            saliency_masks, sparsity)
 from gkq_jax.quantize import (GRANULARITIES, ClusteredArray, clustered_leaves, dequantize,
@@ -40,4 +45,7 @@ __all__ = [
     "KMeansRegularizerState", "add_kmeans_regularizer", "kmeans_regularizer",
     "kmeans_regularizer_grad", "kmeans_regularizer_init", "merge_states",
     "refresh_kmeans_regularizer",
+    "PackedArray", "is_packed", "pack", "pack_indices", "pack_tree", "unpack", "unpack_indices",
+    "unpack_tree", "apply_packed", "merge_packed", "lut_matmul", "lut_matmul_reference",
+    "lut_unsupported", "cluster_per_channel", "stream_per_channel",
 ]

@@ -1,0 +1,109 @@
+"""Per-output-channel clustering of LLM-sized matrices, streamed in bounded memory.
+
+SqueezeLLM's setting: every output channel of every matrix of a transformer
+gets its own codebook of K values, fitted by k-means weighted by the Fisher
+importance (mean squared gradient) of each weight. A 7B model has about
+200,000 such channels of 4,096 or 11,008 values each.
+
+:func:`cluster_per_channel` clusters one matrix in chunks of whole channels,
+each chunk one call of :func:`gkq_jax.grouped_kmeans_1d` (every channel a
+group), so the working memory is a chunk's few buffers plus the outputs
+(a float32 codebook per channel and uint8 indices), never channels x K x
+values, and there is no Python loop over channels. Every chunk has the same
+static shape (the last one is padded with copies of its last channel), so one
+compilation serves all chunks of all matrices with the same input length.
+:func:`stream_per_channel` does it for an iterator of matrices, which lets a
+model stream in layer by layer and be written out as it goes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gkq_jax.kmeans1d import grouped_kmeans_1d
+from gkq_jax.quantize import ClusteredArray
+
+DEFAULT_CHUNK_VALUES = 1 << 22
+
+
+def _as_matrix(name: str, array, what: str):
+  array = jnp.asarray(array)
+  if array.ndim < 2:
+    raise ValueError(f"{name}: {what} must have at least 2 axes (inputs..., output channels), "
+                     f"got shape {array.shape}.")
+  return array.reshape(-1, array.shape[-1])
+
+
+def cluster_per_channel(weight, importance=None, num_clusters: int = 16, *,
+                        chunk_values: int = DEFAULT_CHUNK_VALUES, name: str = "weight",
+                        **options) -> ClusteredArray:
+  """One codebook per output channel (last axis) of ``weight``.
+
+  Args:
+    weight: (..., N) array; channel n is ``weight[..., n]``.
+    importance: non-negative array of the same shape (e.g. the Fisher
+      diagonal, mean g^2) or None for plain k-means.
+    num_clusters: K, the codebook size of every channel.
+    chunk_values: about how many values one call clusters (whole channels,
+      at least one); bounds the working memory.
+    name: the matrix's name, for error messages.
+    **options: passed to :func:`gkq_jax.grouped_kmeans_1d` (method, init,
+      max_iter, bins, ...). Channels are clustered independently, so the
+      result does not depend on ``chunk_values``.
+
+  Returns:
+    A :class:`ClusteredArray` with codebook (N, K) and uint8 (K <= 256)
+    indices of ``weight``'s shape, as ``quantize(..., granularity="channel")``.
+  """
+  w = _as_matrix(name, weight, "weight")
+  rows, channels = w.shape
+  h = None
+  if importance is not None:
+    h = _as_matrix(name, importance, "importance")
+    if h.shape != w.shape:
+      raise ValueError(f"{name}: importance has shape {jnp.shape(importance)}, the weight "
+                       f"{jnp.shape(weight)}; they must match.")
+  if not 1 <= num_clusters <= 65536:
+    raise ValueError(f"{name}: num_clusters must be in 1..65536, got {num_clusters}.")
+  if chunk_values < 1:
+    raise ValueError(f"chunk_values must be positive, got {chunk_values}.")
+  per_call = int(min(channels, max(1, chunk_values // rows)))
+  index_dtype = jnp.uint8 if num_clusters <= 256 else jnp.uint16
+  books, indices = [], []
+  for start in range(0, channels, per_call):
+    stop = min(start + per_call, channels)
+    # Channel-major rows of this chunk, padded with its last channel to the common shape.
+    take = jnp.minimum(jnp.arange(start, start + per_call), stop - 1)
+    x = w[:, take].T.reshape(-1)
+    hx = None if h is None else h[:, take].T.reshape(-1)
+    result = grouped_kmeans_1d(x, hx, (rows,) * per_call, num_clusters, **options)
+    books.append(result.centroids[:stop - start])
+    indices.append(result.assignments.reshape(per_call, rows)[:stop - start].astype(index_dtype))
+  codebook = jnp.concatenate(books)
+  idx = jnp.concatenate(indices).T.reshape(jnp.shape(weight))
+  return ClusteredArray(codebook, idx)
+
+
+def stream_per_channel(matrices: Iterable, num_clusters: int = 16, *,
+                       chunk_values: int = DEFAULT_CHUNK_VALUES,
+                       **options) -> Iterator[tuple[str, ClusteredArray]]:
+  """Clusters ``(name, weight, importance)`` triples one at a time, yielding ``(name, result)``.
+
+  ``matrices`` may be a generator that loads each matrix (or each decoder
+  layer's matrices) only when asked, so memory holds one matrix, its
+  importance and the results not yet consumed. See :func:`cluster_per_channel`
+  for the rest.
+  """
+  for item in matrices:
+    try:
+      name, weight, importance = item
+    except (TypeError, ValueError):
+      raise ValueError("stream_per_channel takes (name, weight, importance) triples; "
+                       f"got {type(item).__name__}.") from None
+    result = cluster_per_channel(weight, importance, num_clusters, chunk_values=chunk_values,
+                                 name=name, **options)
+    yield name, jax.block_until_ready(result)

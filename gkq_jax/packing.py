@@ -1,0 +1,234 @@
+"""Cluster indices packed at their bit width: the weights a compressed model runs from.
+
+A :class:`PackedArray` holds a :class:`ClusteredArray`'s codebook and its
+indices packed into bytes, ``bits`` bits per index (``bits = ceil(log2 K)`` by
+default). It is a pytree (``jax.device_put``, sharding, orbax checkpoints) and
+:func:`pack_indices` / :func:`unpack_indices` are pure functions that jit.
+
+Layout. The indices are viewed as a matrix of R rows and N columns: N is the
+last axis (a kernel's output channels), R the product of the others (its
+contracting axes). With 1 to 4 bits, 8 indices make one word of ``bits`` bytes:
+word g of column n holds rows ``g, g + G, ..., g + 7G`` (G = ceil(R / 8)), index j
+at bits ``[j * bits, (j + 1) * bits)``, little-endian. Unpacking a row of words
+therefore yields 8 contiguous slabs of rows, which a matmul can consume against
+8 slices of its input with no shuffle (the lookup-table kernel does). With 5 to
+8 bits every index takes one byte, with 9 to 16 two. The packed bytes are a
+``uint8`` array of shape (bytes per word, G, N).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gkq_jax._clustering import is_traced
+from gkq_jax._paths import map_with_paths
+from gkq_jax.quantize import ClusteredArray, is_clustered
+
+MAX_BITS = 16
+_SLABS = 8  # indices per word at 1..4 bits
+
+
+def bits_for(num_clusters: int) -> int:
+  """The fewest bits that address ``num_clusters`` values (at least 1)."""
+  return max(1, math.ceil(math.log2(max(int(num_clusters), 1))))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  rows: int
+  columns: int
+  per_word: int  # indices in one word
+  word_bytes: int
+  words: int  # words per column
+
+  @property
+  def field(self) -> int:  # bit offset between neighbouring indices of a word
+    return 0 if self.per_word == 1 else 8 * self.word_bytes // self.per_word
+
+  @property
+  def packed_shape(self) -> tuple:
+    return (self.word_bytes, self.words, self.columns)
+
+
+def _layout(shape, bits: int) -> _Layout:
+  if not 1 <= bits <= MAX_BITS:
+    raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}.")
+  shape = tuple(int(s) for s in shape)
+  columns = shape[-1] if len(shape) >= 2 else 1
+  rows = int(np.prod(shape)) // max(columns, 1) if columns else 0
+  per_word = _SLABS if bits <= 4 else 1
+  word_bytes = bits if bits <= 4 else (1 if bits <= 8 else 2)
+  return _Layout(rows, columns, per_word, word_bytes, -(-rows // per_word))
+
+
+def _check_indices(indices, bits: int) -> None:
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise ValueError(f"indices must be integers, got {indices.dtype}.")
+  if is_traced(indices) or indices.size == 0:
+    return
+  a = np.asarray(indices)
+  low, high = int(a.min()), int(a.max())
+  if low < 0 or high >= 2 ** bits:
+    raise ValueError(f"indices span {low}..{high}, which does not fit in bits={bits} "
+                     f"(0..{2 ** bits - 1}); ask for bits >= {bits_for(high + 1)}.")
+
+
+def pack_indices(indices, bits: int) -> jax.Array:
+  """Packs integer ``indices`` (any shape) at ``bits`` bits each; see the module docstring.
+
+  Returns a ``uint8`` array of shape (bytes per word, words, columns). Pure and
+  jit-able with ``bits`` static; outside jit the indices are checked to fit.
+  """
+  indices = jnp.asarray(indices)
+  _check_indices(indices, bits)
+  return _pack(indices, bits)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pack(indices, bits):
+  lay = _layout(indices.shape, bits)
+  idx = indices.reshape(lay.rows, lay.columns).astype(jnp.uint32)
+  idx = jnp.pad(idx, ((0, lay.words * lay.per_word - lay.rows), (0, 0)))
+  slabs = idx.reshape(lay.per_word, lay.words, lay.columns)
+  shifts = (jnp.arange(lay.per_word, dtype=jnp.uint32) * lay.field)[:, None, None]
+  # The fields of a word are disjoint, so their sum is their bitwise or.
+  word = jnp.sum(slabs << shifts, axis=0, dtype=jnp.uint32)
+  planes = [(word >> (8 * b)) & 0xFF for b in range(lay.word_bytes)]
+  return jnp.stack(planes).astype(jnp.uint8)
+
+
+def unpack_indices(packed, bits: int, shape, dtype=jnp.uint8) -> jax.Array:
+  """Inverse of :func:`pack_indices`: the indices of ``shape`` as ``dtype``."""
+  lay = _layout(shape, bits)
+  packed = jnp.asarray(packed)
+  if tuple(packed.shape) != lay.packed_shape or packed.dtype != jnp.uint8:
+    raise ValueError(f"packed bytes have shape {tuple(packed.shape)} and dtype {packed.dtype}; "
+                     f"indices of shape {tuple(shape)} at {bits} bits need uint8 "
+                     f"{lay.packed_shape}.")
+  return _unpack(packed, bits, tuple(int(s) for s in shape), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _unpack(packed, bits, shape, dtype):
+  lay = _layout(shape, bits)
+  word = packed[0].astype(jnp.uint32)
+  for b in range(1, lay.word_bytes):
+    word = word | (packed[b].astype(jnp.uint32) << (8 * b))
+  shifts = (jnp.arange(lay.per_word, dtype=jnp.uint32) * lay.field)[:, None, None]
+  values = (word[None] >> shifts) & jnp.uint32(2 ** bits - 1)
+  values = values.reshape(lay.per_word * lay.words, lay.columns)[:lay.rows]
+  return values.reshape(shape).astype(dtype)
+
+
+def _static_fields() -> tuple[str, ...]:
+  """ClusteredArray's metadata fields (not pytree children), carried through packing as they are."""
+  fields = dataclasses.fields(ClusteredArray)
+  children = tuple(f.name for f in fields if f.metadata.get("pytree_node", True))
+  if children != ("codebook", "indices"):
+    raise TypeError(f"packing knows ClusteredArray(codebook, indices), found {children}.")
+  return tuple(f.name for f in fields if not f.metadata.get("pytree_node", True))
+
+
+@flax.struct.dataclass
+class PackedArray:
+  """A :class:`ClusteredArray` whose indices are packed at ``bits`` bits each.
+
+  ``codebook`` is the ClusteredArray's, ``packed`` the uint8 bytes laid out as
+  the module docstring says, ``index_shape`` the shape of the indices and
+  ``clustered`` the ClusteredArray's metadata fields as (name, value) pairs.
+  """
+
+  codebook: jax.Array
+  packed: jax.Array
+  index_shape: tuple = flax.struct.field(pytree_node=False)
+  bits: int = flax.struct.field(pytree_node=False)
+  clustered: tuple = flax.struct.field(pytree_node=False, default=())
+
+  @property
+  def num_clusters(self) -> int:
+    return self.codebook.shape[0] if self.vector_shape else self.codebook.shape[-1]
+
+  @property
+  def vector_shape(self):
+    return dict(self.clustered).get("vector_shape")
+
+  @property
+  def shape(self) -> tuple:
+    """Shape of the dense array (the ClusteredArray's, whatever its layout)."""
+    spec = jax.ShapeDtypeStruct(tuple(self.index_shape), jnp.uint8)
+    return tuple(ClusteredArray(self.codebook, spec, **dict(self.clustered)).shape)
+
+  @property
+  def dtype(self):
+    return jnp.dtype(dict(self.clustered).get("dtype") or self.codebook.dtype)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the codebook and the packed indices."""
+    return int(self.codebook.size * self.codebook.dtype.itemsize + self.packed.size)
+
+  def indices(self) -> jax.Array:
+    return unpack_indices(self.packed, self.bits, self.index_shape,
+                          jnp.uint8 if self.num_clusters <= 256 else jnp.uint16)
+
+  def to_clustered(self) -> ClusteredArray:
+    return ClusteredArray(self.codebook, self.indices(), **dict(self.clustered))
+
+  def dequantize(self) -> jax.Array:
+    return self.to_clustered().dequantize()
+
+
+def is_packed(x) -> bool:
+  """True for a PackedArray leaf (an ``is_leaf`` for tree maps over packed trees)."""
+  return isinstance(x, PackedArray)
+
+
+def pack(clustered: ClusteredArray, bits: int | None = None, *, name: str = "array") -> PackedArray:
+  """Packs one ClusteredArray; ``bits`` defaults to the fewest its codebook needs."""
+  fields = _static_fields()
+  k = clustered.num_clusters
+  need = bits_for(k)
+  if bits is None:
+    bits = need
+  if not 1 <= bits <= MAX_BITS:
+    raise ValueError(f"{name}: bits must be in 1..{MAX_BITS}, got {bits}.")
+  if bits < need:
+    raise ValueError(f"{name} has {k} clusters, which need {need} bits; got bits={bits}. "
+                     f"Pack with bits >= {need} (or None for the fewest).")
+  indices = jnp.asarray(clustered.indices)
+  return PackedArray(clustered.codebook, pack_indices(indices, bits), tuple(indices.shape), bits,
+                     tuple((f, getattr(clustered, f)) for f in fields))
+
+
+def unpack(packed: PackedArray) -> ClusteredArray:
+  return packed.to_clustered()
+
+
+def pack_tree(tree: Any, bits: int | None = None) -> Any:
+  """Replaces every ClusteredArray of ``tree`` by its :class:`PackedArray`.
+
+  ``bits=None`` packs each leaf at the fewest bits its codebook needs; an int
+  packs every leaf at that width, and a leaf whose clusters need more is an
+  error naming it.
+  """
+  return map_with_paths(lambda path, x: pack(x, bits, name=path) if is_clustered(x) else x,
+                        tree, is_leaf=is_clustered)
+
+
+def unpack_tree(tree: Any) -> Any:
+  """Replaces every PackedArray of ``tree`` by its ClusteredArray."""
+  return jax.tree.map(lambda x: x.to_clustered() if is_packed(x) else x, tree, is_leaf=is_packed)
+
+
+def dequantize_packed(tree: Any) -> Any:
+  """Replaces every PackedArray (and ClusteredArray) of ``tree`` by its dense array."""
+  leaf = lambda x: is_packed(x) or is_clustered(x)  # noqa: E731
+  return jax.tree.map(lambda x: x.dequantize() if leaf(x) else x, tree, is_leaf=leaf)
