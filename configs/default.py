@@ -57,6 +57,14 @@ def get_config():
   c.quantize.allocation = "optimal"
   c.quantize.pin_zero = False
   c.quantize.budget_clusters = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # k-means K tried per layer
+  # Deep k-Means retraining before quantization (gkq_jax/dkm.py, job/dkm_stage.py): the k-means
+  # regulariser lambda/2 ||W - W F F^T||^2 at the quantizer's K and granularity (conv rows /
+  # filters for "row" / "vector"), F refreshed every refresh_every steps.
+  c.dkm = ml_collections.ConfigDict(dict(
+      enabled=False, strength=0.01, refresh_every=100, epochs=2, learning_rate=1e-3,
+      form="indicator",  # or "spectral" (only while K < rank W)
+      importance="none",  # "grad_sq" / "abs_grad": the importance-weighted variant
+      on_degenerate="raise"))  # spectral at K >= rank: "raise" or "indicator" (warn, fall back)
   c.finetune = ml_collections.ConfigDict(dict(
       epochs=2, learning_rate=0.01, reduce="mean",  # "sum": Deep Compression's rule
       distill=0.0))  # weight of distillation from the uncompressed model
@@ -65,6 +73,7 @@ def get_config():
   # equal_bytes mode: methods at the bytes of `bits`-bit fixed-width codebooks (job/equal_bytes.py)
   c.equal_bytes = ml_collections.ConfigDict(dict(bits=(4, 3, 2), finetune_epochs=2))
   c.mlp = ml_collections.ConfigDict(dict(hidden=(300, 100), norm_every=0, dropout=0.5))
+  c.wrn = ml_collections.ConfigDict(dict(depth=16, widen=4, dropout=0.3))  # model "wrn"
   c.resnet = ml_collections.ConfigDict(dict(
       stem="cifar", width=64,
       dtype="float32"))  # compute type; "bfloat16" = mixed precision on GPU / TPU

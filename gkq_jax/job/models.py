@@ -152,6 +152,54 @@ def ResNetTiny(num_classes: int = 10, stem: str = "cifar", dtype: Any = jnp.floa
   return ResNet((1, 1), 8, num_classes, stem, dtype)
 
 
+class WideBlock(nn.Module):
+  """Pre-activation wide block (Zagoruyko & Komodakis): BN-ReLU-conv, dropout, BN-ReLU-conv."""
+
+  filters: int
+  strides: int = 1
+  dropout: float = 0.3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv, norm = _conv_and_norm(self.dtype, train)
+    activated = nn.relu(norm()(x))
+    y = conv(self.filters, (3, 3), self.strides)(activated)
+    y = nn.relu(norm()(y))
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = conv(self.filters, (3, 3))(y)
+    if x.shape[-1] != self.filters or self.strides != 1:
+      x = conv(self.filters, (1, 1), self.strides, name="shortcut")(activated)
+    return x + y
+
+
+class WideResNet(nn.Module):
+  """WRN-depth-widen for 32x32 inputs: Deep k-Means' CIFAR-10 model is WRN-16-4
+  with dropout 0.3 (2.7 M parameters): a 3x3 conv of 16, three groups of
+  (depth - 4) / 6 wide blocks of 16, 32, 64 x widen filters, BN-ReLU, pool, Dense."""
+
+  depth: int = 16
+  widen: int = 4
+  num_classes: int = 10
+  dropout: float = 0.3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if (self.depth - 4) % 6:
+      raise ValueError(f"config.wrn.depth={self.depth}: a WRN's depth is 6 n + 4 (10, 16, 22, "
+                       "28, ...).")
+    conv, norm = _conv_and_norm(self.dtype, train)
+    x = conv(16, (3, 3), name="stem")(x)
+    for group, width in enumerate((16 * self.widen, 32 * self.widen, 64 * self.widen)):
+      for block in range((self.depth - 4) // 6):
+        strides = 2 if group > 0 and block == 0 else 1
+        x = WideBlock(width, strides, self.dropout, self.dtype)(x, train)
+    x = nn.relu(norm(name="final_norm")(x))
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
 # ------------------------------------------------------------------ registry
 
 
@@ -168,6 +216,8 @@ REGISTRY: dict[str, Callable[[Any, int], nn.Module]] = {
     "lenet5": lambda c, n: LeNet5(n),
     "resnet34": lambda c, n: ResNet34(n, c.resnet.stem, c.resnet.width, _compute_dtype(c)),
     "resnet_tiny": lambda c, n: ResNetTiny(n, c.resnet.stem, _compute_dtype(c)),
+    "wrn": lambda c, n: WideResNet(c.wrn.depth, c.wrn.widen, n, c.wrn.dropout,
+                                   _compute_dtype(c)),
 }
 
 

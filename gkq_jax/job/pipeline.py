@@ -23,6 +23,7 @@ import optax
 from absl import logging
 
 import gkq_jax as gkq
+from gkq_jax.job import dkm_stage
 from gkq_jax.job import energy as energy_lib
 from gkq_jax.job import report as report_lib
 from gkq_jax.job import train as train_lib
@@ -82,14 +83,18 @@ class Context:
 
 
 def cluster_rules(config) -> list[gkq.ClusterRule]:
-  """Rules from ``quantize.rules`` ("regex=bits" strings) then the default
-  ``quantize.bits`` for every Dense/Conv kernel."""
+  """Rules from ``quantize.rules`` ("regex=bits" strings, or "regex=kK" for K
+  clusters) then the default ``quantize.bits`` for every Dense/Conv kernel."""
   rules = []
   for text in config.quantize.rules:
     pattern, sep, bits = str(text).rpartition("=")
-    if not sep or not bits.strip().isdigit():
-      raise ValueError(f"quantize.rules entry {text!r} must look like 'regex=bits', "
-                       "e.g. 'Dense_0/kernel$=6'.")
+    bits = bits.strip()
+    if sep and bits[:1] == "k" and bits[1:].isdigit():  # K clusters, not 2^bits
+      rules.append(gkq.ClusterRule(pattern, int(bits[1:])))
+      continue
+    if not sep or not bits.isdigit():
+      raise ValueError(f"quantize.rules entry {text!r} must look like 'regex=bits' or "
+                       "'regex=kK', e.g. 'Dense_0/kernel$=6' or 'Conv_1/kernel$=k24'.")
     rules.append(gkq.bits_rule(pattern, int(bits)))
   rules.append(gkq.bits_rule(r"(^|/)kernel$", int(config.quantize.bits)))
   return rules
@@ -231,9 +236,9 @@ def quantize_stage(ctx: Context, state, rules, masks, results=None):
   imp = importance_of(ctx, state, q.importance)
   if q.budget_bytes:
     return budget_quantize(ctx, state, rules, masks, imp, results)
-  return gkq.quantize(state.params, imp, rules, granularity=q.granularity, masks=masks,
-                      key=jax.random.PRNGKey(ctx.config.seed), method=q.method, init=q.init,
-                      objective=q.objective)
+  return dkm_stage.quantize(state.params, imp, rules, q.granularity, masks=masks,
+                            key=jax.random.PRNGKey(ctx.config.seed), method=q.method,
+                            init=q.init, objective=q.objective)
 
 
 def finetune_stage(ctx: Context, state, quantized, masks, teacher=None, stage="finetune",
@@ -277,11 +282,15 @@ def compress(ctx: Context, state, results: dict) -> dict:
   config = ctx.config
   rules = cluster_rules(config)
   gkq.check_rules(state.params, rules)
+  dkm_stage.check_config(config)
   teacher = {"params": state.params, "batch_stats": state.batch_stats}
   masks = None
   if config.prune.enabled:
     state, masks = prune_stage(ctx, state, rules, teacher)
     ctx.score(results, "pruned", state)
+  if config.dkm.enabled and config.dkm.epochs > 0:
+    state = dkm_stage.run(ctx, state, rules, masks, importance_of)
+    ctx.score(results, "dkm", state)
   before_clustering = state.params
   q = quantize_stage(ctx, state, rules, masks, results)
   ctx.score(results, "quantized", state, gkq.dequantize(q))
@@ -297,6 +306,7 @@ def compress(ctx: Context, state, results: dict) -> dict:
   results["energy"] = energy_lib.compression_energy(
       state, sample, teacher, before_clustering if masks is not None else None,
       energy_lib.variables_of(state, q), sizes)
+  results.update(dkm_stage.deep_kmeans_accounting(q))
   text, results["plots"] = report_lib.write_compression(
       ctx.workdir, results, {"params": before_clustering}, {"params": q}, sizes)
   print(text)

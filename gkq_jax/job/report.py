@@ -99,13 +99,21 @@ def _energy_line(results: dict) -> list[str]:
           f"({first['total_uj'] / last['total_uj']:.1f}x less)"]
 
 
+def _deep_kmeans_line(results: dict) -> list[str]:
+  """Deep k-Means' own ratio (conv kernels shared as vectors), when there are any."""
+  if "deep_kmeans_ratio" not in results:
+    return []
+  return [f"- Deep k-Means accounting (conv layers only, K x d x 32 + N x H bits): "
+          f"{results['deep_kmeans_ratio']:.1f}x"]
+
+
 def _compression_markdown(results: dict, rows: list[dict]) -> str:
   lines = ["# gkq_jax compression report", "",
            f"- fp32 bytes (all model variables): {results['fp32_bytes']:,}",
            f"- compressed file: {results['compressed_bytes']:,} bytes "
            f"({results['compressed_file']})",
            f"- compression ratio: {results['compression_ratio']:.1f}x",
-           *_energy_line(results), "",
+           *_energy_line(results), *_deep_kmeans_line(results), "",
            *_accuracy_table(results)]
   lines += ["", "| layer | shape | kept % | K | index bits | coded bits / weight | coding | bytes |",
             "|---|---|---|---|---|---|---|---|"]
