@@ -30,7 +30,7 @@ def get_config():
   c.log_every = 50
   c.checkpoint_every = 0  # steps between mid-epoch checkpoints (0: end of each epoch only)
   c.distributed = False  # jax.distributed.initialize() for multi-host runs
-  c.mode = "compress"  # "train", "compress", "sensitivity" or "compare"
+  c.mode = "compress"  # "train", "compress", "sensitivity", "compare" or "survey"
   c.init_checkpoint = ""  # a checkpoint folder (e.g. runs/x/checkpoints/baseline) to start from
 
   c.prune = ml_collections.ConfigDict(dict(
@@ -72,6 +72,23 @@ def get_config():
   c.compare = ml_collections.ConfigDict(dict(bits=(2, 3, 4), finetune_epochs=1))
   # equal_bytes mode: methods at the bytes of `bits`-bit fixed-width codebooks (job/equal_bytes.py)
   c.equal_bytes = ml_collections.ConfigDict(dict(bits=(4, 3, 2), finetune_epochs=2))
+  # survey mode (gkq_jax/job/survey.py): every method from one baseline, measured alike.
+  c.survey = ml_collections.ConfigDict(dict(
+      methods=("baseline", "gkq_4bit", "gkq_2bit", "lowrank", "prune_norm", "distill",
+               "qat_8bit", "qat_4bit", "qat_2bit", "binary", "prune_norm+gkq_4bit",
+               "lowrank+gkq_4bit"),
+      epochs=2,  # fine-tuning epochs of every method, from the baseline's weights
+      learning_rates=(1e-3,),  # each method's fine-tuning rate, chosen on validation accuracy
+      lowrank_layers="",  # regex of the layers to factorize ("": every Dense / Conv)
+      lowrank_ratio=0.25,  # parameters kept per factorized layer: r (m + n) <= ratio m n
+      lowrank_energy=0.0,  # > 0: rank by this kept fraction of sum(s^2) instead
+      sparse_fraction=0.01,  # lowrank_sparse: share of each kernel in the sparse residual
+      prune_fraction=0.5,  # share of every layer's filters / neurons removed
+      remove_blocks=2,  # residual blocks removed by remove_blocks (ResNets)
+      student=ml_collections.ConfigDict(),  # distill: the student's model fields
+      student_epochs=10,  # distill: the student trains from scratch
+      distill_weight=1.0, distill_temperature=4.0,
+      latency_batches=(1, 256), latency_repeats=30))
   c.mlp = ml_collections.ConfigDict(dict(hidden=(300, 100), norm_every=0, dropout=0.5))
   c.wrn = ml_collections.ConfigDict(dict(depth=16, widen=4, dropout=0.3))  # model "wrn"
   c.resnet = ml_collections.ConfigDict(dict(

@@ -1,4 +1,8 @@
-"""LeNet-5 (Deep Compression's Caffe model). Variants: ``:fashion_mnist``, ``:smoke``."""
+"""LeNet-5 (Deep Compression's Caffe model).
+
+Variants: ``:fashion_mnist``; ``:survey_fashion_mnist`` (every compression
+method side by side, chosen on a 5,000-example validation split); ``:smoke``.
+"""
 
 from configs import default
 
@@ -12,10 +16,23 @@ def get_config(variant: str = ""):
   c.learning_rate = 2e-3
   c.weight_decay = 1e-4
   c.image_size = 28  # LeNet-5's two valid 5x5 convs need MNIST-sized inputs
-  if variant == "fashion_mnist":
+  if variant in ("fashion_mnist", "survey_fashion_mnist"):
     c.dataset = "idx:../shared/datasets/fashion-mnist"
     c.num_epochs = 15
     c.batch_size = 128
+  if variant == "survey_fashion_mnist":
+    c.mode = "survey"
+    c.validation_size = 5000
+    c.survey.methods = ("baseline", "gkq_4bit", "gkq_2bit", "lowrank", "prune_norm",
+                        "prune_datafree", "distill", "qat_8bit", "qat_4bit", "qat_2bit",
+                        "binary", "prune_norm+gkq_4bit", "lowrank+gkq_4bit")
+    c.survey.epochs = 2
+    c.survey.learning_rates = (1e-3, 3e-4)
+    c.survey.lowrank_layers = r"^(Conv_1|Dense_0)$"  # 98% of the weights
+    c.survey.student = dict(conv_widths=(10, 25), hidden=250)
+    c.survey.student_epochs = 8
+  elif variant == "fashion_mnist":
+    pass
   elif variant == "obd_fashion_mnist":
     # >= 40x: OBD pruning ranked over all layers, then a 42,000-byte file with each layer's
     # k-means K or ECSQ price chosen for the least g^2-weighted distortion.
@@ -39,5 +56,6 @@ def get_config(variant: str = ""):
     c.num_epochs = 1
     c.batch_size = 32
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of lenet5.py: use fashion_mnist or smoke.")
+    raise ValueError(f"unknown variant {variant!r} of lenet5.py: use fashion_mnist, "
+                     "survey_fashion_mnist or smoke.")
   return c

@@ -3,7 +3,9 @@
 Variants: ``:fashion_mnist``; ``:dc_fashion_mnist`` (Deep Compression's
 setting: iterative pruning to ~7% of the weights, 4-5 bit codebooks, Huffman);
 ``:compare_fashion_mnist`` (quantization methods side by side at 2/3/4 bits);
-``:speech`` (the seed's 9-layer MLP with BatchNorm + Dropout); ``:smoke``.
+``:speech`` (the seed's 9-layer MLP with BatchNorm + Dropout);
+``:survey_fashion_mnist`` (every compression method side by side, chosen on a
+5,000-example validation split); ``:smoke``.
 """
 
 from configs import default
@@ -24,7 +26,8 @@ def get_config(variant: str = ""):
   c.optimizer = "adamw"
   c.learning_rate = 2e-3
   c.weight_decay = 1e-4
-  if variant in ("fashion_mnist", "dc_fashion_mnist", "compare_fashion_mnist"):
+  if variant in ("fashion_mnist", "dc_fashion_mnist", "compare_fashion_mnist",
+                 "survey_fashion_mnist"):
     c.dataset = "idx:../shared/datasets/fashion-mnist"
     c.num_epochs = 20
     c.batch_size = 128
@@ -47,6 +50,17 @@ def get_config(variant: str = ""):
     c.finetune.learning_rate = 5e-4
   elif variant == "fashion_mnist":
     pass
+  elif variant == "survey_fashion_mnist":
+    c.mode = "survey"
+    c.validation_size = 5000
+    c.survey.methods = ("baseline", "gkq_4bit", "gkq_2bit", "lowrank", "lowrank_sparse",
+                        "prune_norm", "prune_datafree", "distill", "qat_8bit", "qat_4bit",
+                        "qat_2bit", "binary", "prune_norm+gkq_4bit", "lowrank+gkq_4bit")
+    c.survey.epochs = 3
+    c.survey.learning_rates = (1e-3, 3e-4)
+    c.survey.lowrank_layers = r"^Dense_[01]$"  # the 10-way head is too small to factorize
+    c.survey.student = dict(hidden=(100, 50))
+    c.survey.student_epochs = 20
   elif variant == "obd_fashion_mnist":
     # >= 50x: Optimal Brain Damage pruning (h w^2, h = g^2) on a cubic ramp, distilling from the
     # unpruned model, then a 21,000-byte file with each layer's k-means K or ECSQ price chosen
@@ -77,5 +91,6 @@ def get_config(variant: str = ""):
     c.batch_size = 32
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of mlp.py: use fashion_mnist, "
-                     "dc_fashion_mnist, compare_fashion_mnist, speech or smoke.")
+                     "dc_fashion_mnist, compare_fashion_mnist, survey_fashion_mnist, speech "
+                     "or smoke.")
   return c

@@ -233,6 +233,112 @@ def write_compare(workdir: pathlib.Path, rows: list[dict], baseline: float) -> s
     (workdir / "compare.md").write_text(text)
   return text
 
+
+# ------------------------------------------------------------------- survey
+
+
+def write_survey_row(path: pathlib.Path, row: dict) -> None:
+  """A finished survey method's row, written atomically: its presence means done."""
+  if _is_writer():
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(row, indent=2))
+    partial.replace(path)
+
+
+def _survey_markdown(rows: list[dict], latency_key: str) -> str:
+  batches = list(rows[0]["latency_ms"])
+  has_val = any(r["validation_accuracy"] is not None for r in rows)
+  head = (["method"] + (["validation acc."] if has_val else []) +
+          ["test acc.", "params", "fp32 bytes", "file bytes", "x smaller", "MACs"] +
+          [f"latency b={b} (ms)" for b in batches] + ["energy (uJ)", "Pareto front"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    energy = r.get("energy")
+    front = [name for name, key in (("bytes", "pareto_bytes"),
+                                    (f"latency b={latency_key}", "pareto_latency")) if r[key]]
+    cells = ([r["method"]] +
+             ([f"{100 * r['validation_accuracy']:.2f}%"
+               if r["validation_accuracy"] is not None else "-"] if has_val else []) +
+             [f"{100 * r['test_accuracy']:.2f}%", f"{r['parameters']:,}",
+              f"{r['fp32_bytes']:,}", f"{r['file_bytes']:,}", f"{r['compression']:.1f}",
+              f"{r['macs']:,}"] +
+             [f"{r['latency_ms'][b]:.3f}" for b in batches] +
+             [f"{energy['total_uj']:.3g}" if energy else "-", ", ".join(front)])
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_survey(workdir: pathlib.Path, rows: list[dict],
+                 latency_key: str) -> tuple[str, list[str]]:
+  """survey.md, survey.json and the accuracy-vs-bytes / -vs-latency plots with
+  the Pareto front marked; returns (Markdown, plot file names)."""
+  text = ("# Compression survey\n\nAll methods from one baseline; test accuracy from each "
+          "method's file; latency: median of the jitted forward, all methods timed in turn; "
+          "Pareto front: no other method is at least as accurate and at most as costly.\n\n"
+          + _survey_markdown(rows, latency_key))
+  if not _is_writer():
+    return text, []
+  (workdir / "survey.md").write_text(text)
+  (workdir / "survey.json").write_text(json.dumps(
+      {"latency_batch_for_pareto": int(latency_key), "rows": rows}, indent=2))
+  plots = [_plot_survey(workdir, rows, lambda r: r["file_bytes"] / 1024,
+                        "file bytes on disk (KiB, log scale)", "pareto_bytes",
+                        "survey_bytes.png"),
+           _plot_survey(workdir, rows, lambda r: r["latency_ms"][latency_key],
+                        f"latency of the jitted forward, batch {latency_key} (ms, log scale)",
+                        "pareto_latency", "survey_latency.png")]
+  return text, plots
+
+
+def _plot_survey(workdir, rows, cost, xlabel, flag, filename) -> str:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8, 5))
+  xs = [cost(r) for r in rows]
+  ys = [100 * r["test_accuracy"] for r in rows]
+  ax.scatter(xs, ys, color="tab:gray", zorder=2, label="method")
+  front = sorted((x, y) for x, y, r in zip(xs, ys, rows) if r[flag])
+  ax.step([x for x, _ in front], [y for _, y in front], where="post", color="tab:red",
+          lw=1.2, zorder=1)
+  ax.scatter([x for x, _ in front], [y for _, y in front], color="tab:red", zorder=3,
+             label="Pareto front")
+  for x, y, r in zip(xs, ys, rows):
+    ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                color="tab:red" if r[flag] else "black")
+  ax.set_xscale("log")
+  ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title="accuracy vs " + xlabel.split(" (")[0])
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(workdir / filename, dpi=120)
+  plt.close(fig)
+  return filename
+
+
+# -------------------------------------------------------------- equal bytes
+
+
+def write_equal_bytes(workdir: pathlib.Path, rows: list[dict], results: dict) -> str:
+  """equal_bytes.md (and .json); returns the markdown."""
+  validation = "validation_after_finetune" in rows[0]
+  head = "| method | bits | budget bytes | bytes | g^2-weighted distortion |"
+  head += (" validation before | after |" if validation else "") + " test before | after |"
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    line = (f"| {r['method']} | {r['bits']} | {r['budget_bytes']:,} | {r['bytes']:,} | "
+            f"{r['distortion']:.4g} |")
+    if validation:
+      line += (f" {100 * r['validation_before_finetune']:.2f}% |"
+               f" {100 * r['validation_after_finetune']:.2f}% |")
+    lines.append(line + f" {100 * r['before_finetune']:.2f}% | {100 * r['after_finetune']:.2f}% |")
+  base = results["accuracy"]["baseline"]
+  text = f"baseline fp32: test {100 * base:.2f}%"
+  if "validation_accuracy" in results:
+    text += f", validation {100 * results['validation_accuracy']['baseline']:.2f}%"
+  text += "\n\n" + "\n".join(lines) + "\n"
+  if _is_writer():
+    (workdir / "equal_bytes.md").write_text(text)
+    (workdir / "equal_bytes.json").write_text(json.dumps(rows, indent=2))
+  return text
+
 # -------------------------------------------------------------- equal bytes
 
 

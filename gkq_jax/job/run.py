@@ -26,6 +26,7 @@ from gkq_jax.job import pipeline
 from gkq_jax.job import report as report_lib
 from gkq_jax.job import streaming
 from gkq_jax.job import studies
+from gkq_jax.job import survey
 from gkq_jax.job import train as train_lib
 
 MODES = {
@@ -34,6 +35,7 @@ MODES = {
     "sensitivity": studies.sensitivity,
     "compare": studies.compare,
     "equal_bytes": equal_bytes.equal_bytes,
+    "survey": survey.survey,
 }
 
 

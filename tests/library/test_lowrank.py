@@ -58,7 +58,8 @@ def test_ranks_from_ratio_and_energy():
   ranks = lowrank.choose_ranks(params, energy=1.0)
   assert ranks == {"a": 30, "b": 10}
   factored = lowrank.factorize_params(params, {"a": 8})
-  assert set(factored["a"]) == {"first", "second"} and factored["a"]["second"]["bias"].shape == (30,)
+  assert set(factored["a"]) == {"first", "second"}
+  assert factored["a"]["second"]["bias"].shape == (30,)
   assert factored["b"]["kernel"] is params["b"]["kernel"]
   assert set(params["a"]) == {"kernel", "bias"}  # the input is left as it was
 
