@@ -36,7 +36,7 @@ from gkq_jax.quantize import (GRANULARITIES, ClusteredArray, clustered_leaves, d
                               is_clustered, quantize)
 from gkq_jax.rules import (DEFAULT_RULES, ClusterRule, bits_rule, check_rules, clusters_for,
                            selected_leaves)
-from gkq_jax.share import refresh_codebooks, share_centroids
+from gkq_jax.share import codebook_params, refresh_codebooks, replace_codebooks, share_centroids
 from gkq_jax.structured import (ChannelGroup, filter_norms, keep_channels, keep_largest,
                                 merge_similar_neurons, num_channels, remove_layers)
 
@@ -47,6 +47,7 @@ __all__ = [
     "magnitude_masks", "sparsity", "GRANULARITIES", "ClusteredArray", "clustered_leaves",
     "dequantize", "is_clustered", "quantize", "DEFAULT_RULES", "ClusterRule", "bits_rule",
     "check_rules", "clusters_for", "selected_leaves", "refresh_codebooks", "share_centroids",
+    "codebook_params", "replace_codebooks",
     "EnergyCosts", "EnergyEstimate", "estimate_energy",
     "BudgetResult", "Choice", "allocate", "coded_bytes", "quantize_to_budget",
     "EntropyClustering", "ecsq_1d", "ecsq_for_rate", "ecsq_objective", "grouped_ecsq_1d",

@@ -12,6 +12,13 @@ sections | sha256 of everything before it``. Each leaf of the params tree is one
 
 Loading gives the same ClusteredArrays back, so the dequantized params, and
 the logits computed from them, are bit-identical to the in-memory model.
+
+Version 2 also stores the tree itself (header ``tree``): dicts with their str
+and int keys (a key may contain '/'), lists, tuples, None, FrozenDicts, nnx
+States and Variables (Param, BatchStat, RNG keys and counts...), so ``load``
+gives back the structure that was saved; other pytree nodes come back as
+dicts. An entry's ``path`` joins its keys with '/', each key with '%' and '/'
+escaped as %25 and %2F. Version 1 files (paths only) are still read.
 """
 
 from __future__ import annotations
@@ -24,15 +31,17 @@ import struct
 import zlib
 from typing import Any
 
+import flax.core
 import jax
 import numpy as np
+from flax import nnx
 
 from gkq_jax import huffman
-from gkq_jax._paths import named_leaves
+from gkq_jax._paths import path_keys
 from gkq_jax.quantize import ClusteredArray, is_clustered
 
 MAGIC = b"GKQJAX\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CorruptFileError(ValueError):
@@ -97,35 +106,109 @@ def _encode_indices(idx: np.ndarray, k: int, sparse_ok: bool, sections: _Section
           "values": _encode_stream(best[4], sections)}
 
 
-def save(path, tree: Any) -> tuple[int, dict]:
-  """Writes a (partly) quantized params tree.
+def _escape(key) -> str:
+  return str(key).replace("%", "%25").replace("/", "%2F")
 
-  Returns the file size in bytes and, per leaf path, the bytes its sections
-  take and how its indices were coded.
+
+def _children(node) -> list[tuple[Any, Any]]:
+  """(key, child) one level down, in the order jax flattens them."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+  return [(path_keys(p)[0] if path_keys(p) else "value", child) for p, child in flat]
+
+
+def _is_leaf(node) -> bool:
+  return is_clustered(node) or jax.tree_util.treedef_is_leaf(
+      jax.tree_util.tree_structure(node, is_leaf=is_clustered))
+
+
+def _json_metadata(variable) -> dict:
+  """The JSON-safe part of a Variable's metadata (tags, flags)."""
+  safe = (str, int, float, bool, type(None))
+  return {k: v for k, v in variable.get_metadata().items() if isinstance(v, safe)}
+
+
+def _describe(node, keys: tuple, leaves: list):
+  """The JSON spec of ``node``; its leaves are appended to ``leaves``."""
+  if node is None:
+    return {"none": True}
+  if _is_leaf(node):
+    leaves.append((keys, node))
+    return len(leaves) - 1
+  if isinstance(node, nnx.Variable):
+    cls = type(node)
+    return {"variable": f"{cls.__module__}:{cls.__qualname__}",
+            "metadata": _json_metadata(node), "value": _describe(node.get_value(), keys, leaves)}
+  if isinstance(node, nnx.State):
+    kind = "state"
+  elif isinstance(node, flax.core.FrozenDict):
+    kind = "frozendict"
+  elif isinstance(node, dict):
+    kind = "dict"
+  elif type(node) in (list, tuple):
+    kind = type(node).__name__
+  else:
+    kind = "dict"  # other pytree nodes (namedtuples, dataclasses) come back as dicts
+  children = []
+  for key, child in _children(node):
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+      raise ValueError(f"cannot save the key {key!r} (a {type(key).__name__}) under "
+                       f"{'/'.join(map(_escape, keys)) or 'the root'!r}: keys must be str or "
+                       "int; rename it.")
+    children.append([key, _describe(child, keys + (key,), leaves)])
+  if kind in ("list", "tuple"):
+    return {kind: [spec for _, spec in children]}
+  return {kind: children}
+
+
+def _leaf_entry(name: str, leaf, sections: _Sections) -> dict:
+  if is_clustered(leaf):
+    book = np.asarray(leaf.codebook, np.float32)
+    idx = np.asarray(leaf.indices).reshape(-1).astype(np.int64)
+    k = book.shape[0] if leaf.vector_shape else book.shape[-1]
+    return {
+        "path": name, "kind": "clustered", "index_shape": list(leaf.indices.shape),
+        "index_dtype": str(np.asarray(leaf.indices).dtype),
+        "codebook_shape": list(book.shape), "codebook": sections.add(book.tobytes()),
+        "vector_shape": list(leaf.vector_shape) if leaf.vector_shape else None,
+        "vector_axis": int(leaf.vector_axis),
+        "pinned_zero": bool(leaf.pinned_zero), "dtype": np.dtype(leaf.dtype).name,
+        "indices": _encode_indices(idx, k, leaf.pinned_zero and leaf.vector_shape is None,
+                                   sections)}
+  entry = {"path": name, "kind": "raw"}
+  if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+    entry["key_impl"] = str(jax.random.key_impl(leaf))
+    leaf = jax.random.key_data(leaf)
+  array = np.asarray(leaf)
+  if array.dtype.hasobject:
+    raise ValueError(f"cannot save the leaf at {name!r}: a {type(leaf).__name__} is not an "
+                     "array.")
+  entry.update({"dtype": str(array.dtype),
+                "shape": list(array.shape), "data": sections.add(array.tobytes())})
+  return entry
+
+
+def save(path, tree: Any) -> tuple[int, dict]:
+  """Writes a (partly) quantized params tree, its structure included.
+
+  Returns the file size in bytes and, per leaf path (keys joined by '/', a '/'
+  inside a key escaped as %2F), the bytes its sections take and how its
+  indices were coded. Raises before writing anything if the tree has a key
+  that is neither str nor int, or two keys that differ only in type.
   """
+  leaves: list = []
+  spec = _describe(tree, (), leaves)
   sections, entries, sizes = _Sections(), [], {}
-  for name, leaf in named_leaves(tree, is_leaf=is_clustered):
+  for keys, leaf in leaves:
+    name = "/".join(_escape(k) for k in keys)
+    if name in sizes:
+      raise ValueError(f"two leaves are both named {name!r} (keys that differ only in type, "
+                       "such as 1 and '1'); rename one before saving.")
     before = sections.buffer.tell()
-    if is_clustered(leaf):
-      book = np.asarray(leaf.codebook, np.float32)
-      idx = np.asarray(leaf.indices).reshape(-1).astype(np.int64)
-      k = book.shape[0] if leaf.vector_shape else book.shape[-1]
-      entries.append({
-          "path": name, "kind": "clustered", "index_shape": list(leaf.indices.shape),
-          "index_dtype": str(np.asarray(leaf.indices).dtype),
-          "codebook_shape": list(book.shape), "codebook": sections.add(book.tobytes()),
-          "vector_shape": list(leaf.vector_shape) if leaf.vector_shape else None,
-          "vector_axis": int(leaf.vector_axis),
-          "pinned_zero": bool(leaf.pinned_zero),
-          "indices": _encode_indices(idx, k, leaf.pinned_zero and leaf.vector_shape is None,
-                                     sections)})
-    else:
-      array = np.asarray(leaf)
-      entries.append({"path": name, "kind": "raw", "dtype": str(array.dtype),
-                      "shape": list(array.shape), "data": sections.add(array.tobytes())})
+    entries.append(_leaf_entry(name, leaf, sections))
     coding = entries[-1]["indices"]["coding"] if entries[-1]["kind"] == "clustered" else "raw"
     sizes[name] = {"bytes": sections.buffer.tell() - before, "coding": coding}
-  header = zlib.compress(json.dumps({"entries": entries}, separators=(",", ":")).encode(), 9)
+  header = zlib.compress(json.dumps({"entries": entries, "tree": spec},
+                                    separators=(",", ":")).encode(), 9)
   body = (MAGIC + struct.pack("<HI", FORMAT_VERSION, len(header)) + header
           + sections.buffer.getvalue())
   data = body + hashlib.sha256(body).digest()
@@ -154,9 +237,108 @@ def _decode_indices(spec: dict, n: int, section) -> np.ndarray:
   return idx
 
 
-def load(path) -> dict:
-  """Reads a file written by :func:`save` into a nested dict of params
-  (ClusteredArray leaves for clustered ones; apply ``dequantize``)."""
+def _variable_types() -> dict[str, type]:
+  """Every nnx Variable class now defined, by 'module:qualname' (a file names
+  one of these; nothing is imported or called by a name read from a file)."""
+  found, todo = {}, [nnx.Variable]
+  while todo:
+    cls = todo.pop()
+    found[f"{cls.__module__}:{cls.__qualname__}"] = cls
+    todo.extend(cls.__subclasses__())
+  return found
+
+
+def _rebuild(spec, leaves: list, variable_types: dict):
+  if isinstance(spec, int):
+    return leaves[spec]
+  if "variable" in spec:
+    value = _rebuild(spec["value"], leaves, variable_types)
+    cls = variable_types.get(spec["variable"])
+    if cls is None:  # a Variable type not defined in this process: its bare value
+      return value
+    try:
+      return cls(value, **spec["metadata"])
+    except TypeError:
+      return cls(value)
+  (kind, body), = spec.items()
+  if kind == "none":
+    return None
+  if kind in ("list", "tuple"):
+    items = [_rebuild(s, leaves, variable_types) for s in body]
+    return items if kind == "list" else tuple(items)
+  children = {key: _rebuild(s, leaves, variable_types) for key, s in body}
+  if kind == "state":
+    return nnx.State(children)
+  if kind == "frozendict":
+    return flax.core.FrozenDict(children)
+  return children
+
+
+def _leaf_from_entry(entry: dict, section):
+  if entry["kind"] == "raw":
+    leaf = np.frombuffer(section(entry["data"]), entry["dtype"]).reshape(entry["shape"])
+    if "key_impl" in entry:
+      leaf = jax.random.wrap_key_data(leaf, impl=entry["key_impl"])
+    return leaf
+  book = np.frombuffer(section(entry["codebook"]), np.float32).reshape(entry["codebook_shape"])
+  n = int(np.prod(entry["index_shape"]))
+  idx = _decode_indices(entry["indices"], n, section)
+  vector = tuple(entry["vector_shape"]) if entry["vector_shape"] else None
+  return ClusteredArray(jax.numpy.asarray(book),
+                        jax.numpy.asarray(idx.astype(entry["index_dtype"]).reshape(
+                            entry["index_shape"])), vector, entry["pinned_zero"],
+                        entry.get("vector_axis", 0), np.dtype(entry.get("dtype", "float32")))
+
+
+def _nested_by_path(entries: list[dict], leaves: list) -> dict:
+  """Version 1 files: nested dicts from the '/'-joined paths."""
+  tree: dict = {}
+  for entry, leaf in zip(entries, leaves):
+    node = tree
+    keys = entry["path"].split("/")
+    for key in keys[:-1]:
+      node = node.setdefault(key, {})
+    node[keys[-1]] = leaf
+  return tree
+
+
+def _restore_into(target, loaded, path, by_string: bool):
+  """``loaded``'s leaves placed in ``target``'s structure, matched by key path."""
+  norm = (lambda keys: tuple(map(str, keys))) if by_string else (lambda keys: keys)
+  flat, _ = jax.tree_util.tree_flatten_with_path(loaded, is_leaf=is_clustered)
+  found = {norm(path_keys(p)): leaf for p, leaf in flat}
+  target_flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_clustered)
+  out = []
+  for p, wanted in target_flat:
+    keys = path_keys(p)
+    name = "/".join(_escape(k) for k in keys)
+    if norm(keys) not in found:
+      sample = ", ".join(repr("/".join(map(_escape, k))) for k in list(found)[:3])
+      raise ValueError(f"load: the target's {name!r} is not in {path} (its paths look like "
+                       f"{sample}); pass a target with the structure that was saved.")
+    leaf = found[norm(keys)]
+    shape = tuple(leaf.shape if is_clustered(leaf) else np.shape(leaf))
+    if hasattr(wanted, "shape") and tuple(wanted.shape) != shape:
+      raise ValueError(f"load: {name!r} has shape {shape} in {path}, the target "
+                       f"{tuple(wanted.shape)}.")
+    out.append(leaf)
+  return treedef.unflatten(out)
+
+
+def load(path, target: Any = None) -> Any:
+  """Reads a file written by :func:`save`.
+
+  Without ``target``: the tree that was saved (dicts with their str / int
+  keys, lists, tuples, nnx States and Variables...), with ClusteredArray
+  leaves where it was clustered (apply ``dequantize``); raw leaves are numpy
+  arrays (jax PRNG keys for saved keys). Version 1 files give nested dicts.
+
+  With ``target`` (any pytree, e.g. ``nnx.state(model, nnx.Param)`` or the
+  params it was saved from; leaves may be arrays or ShapeDtypeStructs): the
+  saved leaves placed into ``target``'s structure, matched by key path, as
+  orbax restores. Every target leaf must be in the file with its shape; file
+  entries the target has no place for are left out.
+  """
   data = pathlib.Path(path).read_bytes()
   if len(data) < len(MAGIC) + 6 + 32 or not data.startswith(MAGIC):
     raise CorruptFileError(f"{path} is not a gkq_jax compressed file (bad magic or too short).")
@@ -175,22 +357,11 @@ def load(path) -> dict:
   def section(span):
     return body[base + span[0]:base + span[0] + span[1]]
 
-  tree: dict = {}
-  for entry in header["entries"]:
-    if entry["kind"] == "raw":
-      leaf = np.frombuffer(section(entry["data"]), entry["dtype"]).reshape(entry["shape"])
-    else:
-      book = np.frombuffer(section(entry["codebook"]), np.float32).reshape(entry["codebook_shape"])
-      n = int(np.prod(entry["index_shape"]))
-      idx = _decode_indices(entry["indices"], n, section)
-      vector = tuple(entry["vector_shape"]) if entry["vector_shape"] else None
-      leaf = ClusteredArray(jax.numpy.asarray(book),
-                            jax.numpy.asarray(idx.astype(entry["index_dtype"]).reshape(
-                                entry["index_shape"])), vector, entry["pinned_zero"],
-                            entry.get("vector_axis", 0))
-    node = tree
-    keys = entry["path"].split("/")
-    for key in keys[:-1]:
-      node = node.setdefault(key, {})
-    node[keys[-1]] = leaf
-  return tree
+  leaves = [_leaf_from_entry(entry, section) for entry in header["entries"]]
+  if version < 2:
+    tree = _nested_by_path(header["entries"], leaves)
+  else:
+    tree = _rebuild(header["tree"], leaves, _variable_types())
+  if target is None:
+    return tree
+  return _restore_into(target, tree, path, by_string=version < 2)

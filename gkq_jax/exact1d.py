@@ -177,10 +177,24 @@ def optimal_centroids(x, h, group_sizes: Sequence[int], k_active, *, K: int,
   return out.astype(np.float32)
 
 
+def _batched_optimal_centroids(xc, h, group_sizes, k_active, *, K, **options):
+  """:func:`optimal_centroids` over leading batch axes (from ``jax.vmap``): the
+  groups of every batch element go through one DP as extra groups."""
+  batch = np.shape(xc)[:-1]
+  if not batch:
+    return optimal_centroids(xc, h, group_sizes, k_active, K=K, **options)
+  G = np.shape(group_sizes)[-1]
+  flat = lambda a: np.broadcast_to(a, batch + np.shape(a)[-1:]).reshape(-1)
+  out = optimal_centroids(flat(xc), flat(h), flat(group_sizes), flat(k_active), K=K, **options)
+  return out.reshape(batch + (G, K))
+
+
 def _optimal_centroids_callback(xc, h, group_sizes, k_active, K, objective, bins,
                                exact_max_points):
-  """:func:`optimal_centroids` as a host callback usable under ``jax.jit``."""
-  fn = functools.partial(optimal_centroids, K=K, objective=objective, bins=bins,
+  """:func:`optimal_centroids` as a host callback usable under ``jax.jit`` and
+  ``jax.vmap`` (a batch is solved in one call, its groups side by side)."""
+  fn = functools.partial(_batched_optimal_centroids, K=K, objective=objective, bins=bins,
                          exact_max_points=exact_max_points)
   shape = jax.ShapeDtypeStruct((group_sizes.shape[0], K), jnp.float32)
-  return jax.pure_callback(fn, shape, xc, h, group_sizes, k_active)
+  return jax.pure_callback(fn, shape, xc, h, group_sizes, k_active,
+                           vmap_method="broadcast_all")

@@ -5,6 +5,11 @@
 Fisher as used by "Towards the Limit of Network Quantization" and SqueezeLLM
 (per-batch gradients; use small batches for a closer per-example estimate).
 ``none``: all ones, i.e. plain k-means.
+
+Only floating-point leaves are differentiated; the others (an nnx state's RNG
+keys and counts, integer buffers) get ``None`` as their importance, which
+:func:`gkq_jax.quantize` accepts, so the whole ``nnx.split(model)`` state can be
+passed as it is.
 """
 
 from __future__ import annotations
@@ -18,11 +23,29 @@ import jax.numpy as jnp
 IMPORTANCE_KINDS = ("abs_grad", "grad_sq", "none")
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "kind"))
-def _accumulate(total, params, batch, *, loss_fn, kind):
-  grads = jax.grad(loss_fn)(params, batch)
+def _is_float(leaf) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is None:
+    dtype = jnp.result_type(leaf)
+  return jax.dtypes.issubdtype(dtype, jnp.floating)
+
+
+def _merge(floating, float_leaves, other_leaves):
+  """The full leaf list from the float leaves and the others, in tree order."""
+  floats, others = iter(float_leaves), iter(other_leaves)
+  return [next(floats) if f else next(others) for f in floating]
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "kind", "treedef", "floating"))
+def _accumulate(total, float_leaves, other_leaves, batch, *, loss_fn, kind, treedef, floating):
+  def loss(float_leaves):
+    params = jax.tree_util.tree_unflatten(treedef, _merge(floating, float_leaves,
+                                                          other_leaves))
+    return loss_fn(params, batch)
+
+  grads = jax.grad(loss)(float_leaves)
   fn = jnp.abs if kind == "abs_grad" else jnp.square
-  return jax.tree.map(lambda t, g: t + fn(g).astype(t.dtype), total, grads)
+  return [t + fn(g).astype(t.dtype) for t, g in zip(total, grads)]
 
 
 def compute_importance(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
@@ -31,19 +54,36 @@ def compute_importance(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``; any pytree of params.
-    params: the parameters to differentiate.
+    params: the parameters to differentiate: any pytree, e.g. linen params or
+      a whole nnx state (``nnx.split(model)[1]``).
     batches: an iterable of batches (consumed once).
     kind: "abs_grad", "grad_sq" or "none".
+
+  Returns:
+    float32 importance for every floating-point leaf, ``None`` for the others.
   """
   if kind not in IMPORTANCE_KINDS:
     raise ValueError(f"kind={kind!r} is not one of {IMPORTANCE_KINDS}.")
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  floating = tuple(_is_float(leaf) for leaf in leaves)
+  if not any(floating):
+    raise ValueError("params has no floating-point leaf to differentiate; pass the model's "
+                     "parameters (e.g. nnx.split(model)[1] or linen's variables).")
+  float_leaves = [leaf for leaf, f in zip(leaves, floating) if f]
+  other_leaves = [leaf for leaf, f in zip(leaves, floating) if not f]
+
+  def as_tree(float_results):
+    return jax.tree_util.tree_unflatten(
+        treedef, _merge(floating, float_results, [None] * len(other_leaves)))
+
   if kind == "none":
-    return jax.tree.map(jnp.ones_like, params)
-  total = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return as_tree([jnp.ones(jnp.shape(leaf), jnp.float32) for leaf in float_leaves])
+  total = [jnp.zeros(jnp.shape(leaf), jnp.float32) for leaf in float_leaves]
   count = 0
   for batch in batches:
-    total = _accumulate(total, params, batch, loss_fn=loss_fn, kind=kind)
+    total = _accumulate(total, float_leaves, other_leaves, batch, loss_fn=loss_fn, kind=kind,
+                        treedef=treedef, floating=floating)
     count += 1
   if count == 0:
     raise ValueError("batches is empty: importance needs at least one batch.")
-  return jax.tree.map(lambda t: t / count, total)
+  return as_tree([t / count for t in total])

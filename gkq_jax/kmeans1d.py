@@ -40,6 +40,7 @@ INITS = tuple(_inits.INITS)
 OBJECTIVES = ("l2", "l1")
 
 _EXACT_BINS = 4096
+MIN_BINS = 16
 
 
 @functools.partial(
@@ -87,6 +88,30 @@ def _check_options(method, init, objective, max_iter, tol):
     raise ValueError(f"max_iter and tol must be >= 0, got {max_iter} and {tol}.")
 
 
+def _cluster_counts(num_clusters, num_groups: int) -> np.ndarray:
+  """One positive integer K per group from an int or a sequence of ints."""
+  k = np.asarray(num_clusters)
+  if k.dtype == bool or not np.issubdtype(k.dtype, np.integer) or k.ndim > 1:
+    raise ValueError(f"num_clusters must be an int or one int per group, got {num_clusters!r}.")
+  if k.ndim == 1 and k.size != num_groups:
+    raise ValueError(f"num_clusters has {k.size} entries for {num_groups} groups; give one "
+                     "int for all groups or one per group (len(group_sizes)).")
+  k = np.broadcast_to(k.astype(np.int64), (num_groups,))
+  if k.min() < 1:
+    raise ValueError(f"num_clusters must be >= 1, got {int(k.min())}.")
+  return k
+
+
+def _round_bins(bins) -> int:
+  """Any bins in MIN_BINS..MAX_BINS, rounded up to a power of two (the coarse
+  histograms of the inits merge fine bins in equal power-of-two runs)."""
+  if (isinstance(bins, bool) or not isinstance(bins, (int, np.integer))
+      or not MIN_BINS <= bins <= hist_lib.MAX_BINS):
+    raise ValueError(f"bins must be an integer in {MIN_BINS}..{hist_lib.MAX_BINS}, got {bins!r} "
+                     "(any value in range works; it is rounded up to a power of two).")
+  return 1 << int(bins - 1).bit_length()
+
+
 def _warn_zero_importance(h, group_sizes):
   if is_traced(h):
     return
@@ -122,8 +147,9 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     max_iter, tol: Lloyd stops after max_iter steps or when no centroid moves
       by more than tol x the group's value range.
     key: PRNG key for "forgy" / "kmeans++"; the result is a pure function of it.
-    bins: histogram bins per group (default: from the group size and K, at
-      most 65536; at most 4096 for the exact method's DP).
+    bins: histogram bins per group, any integer in 16..65536, rounded up to a
+      power of two (default: from the group size and K, at most 65536; at
+      most 4096 for the exact method's DP).
     refine_iters: Lloyd steps on the real values after "hist" / "exact".
     exact_max_points: "exact" runs on the sorted values themselves when every
       group has at most this many, otherwise on a histogram of ``bins`` bins.
@@ -151,9 +177,7 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
   if importance.shape != values.shape:
     raise ValueError(f"importance has shape {importance.shape}, values {values.shape}; "
                      "they must match.")
-  k = np.broadcast_to(np.asarray(num_clusters, np.int64), (len(group_sizes),))
-  if k.min() < 1:
-    raise ValueError(f"num_clusters must be >= 1, got {int(k.min())}.")
+  k = _cluster_counts(num_clusters, len(group_sizes))
   check_finite("values", values)
   check_finite("importance", importance)
   check_nonnegative("importance", importance)
@@ -165,8 +189,11 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     bins = hist_lib.default_bins(values.shape[0], len(group_sizes), K)
     if method == "exact":  # the host DP costs O(K bins log bins) per group
       bins = min(bins, _EXACT_BINS)
+  bins = _round_bins(bins)
+  with jax.ensure_compile_time_eval():  # cached layout arrays: never tracers of this call
+    seg = hist_lib.group_ids(group_sizes)
   return _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key,
-                         hist_lib.group_ids(group_sizes), jnp.asarray(group_sizes, jnp.int32),
+                         seg, jnp.asarray(group_sizes, jnp.int32),
                          group_sizes=group_sizes, K=K, method=method, init=init,
                          objective=objective, max_iter=int(max_iter), tol=float(tol),
                          bins=int(bins), refine_iters=int(refine_iters),

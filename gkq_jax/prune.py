@@ -24,8 +24,10 @@ import optax
 def magnitude_masks(params: Any, selected: Any, quality: float) -> Any:
   """True where a weight is kept. ``selected``: pytree of bools (leaf-level),
   False leaves get an all-True mask (never pruned)."""
-  if quality < 0:
-    raise ValueError(f"prune quality must be >= 0, got {quality}.")
+  if not isinstance(quality, jax.core.Tracer) and not 0 <= float(quality) < float("inf"):
+    # NaN compares False with every |w| (all pruned); inf prunes everything too.
+    raise ValueError(f"prune quality must be a finite number >= 0 (a multiple of the "
+                     f"layer's std), got {quality}.")
 
   def mask(w, use):
     if not use:

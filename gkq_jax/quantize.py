@@ -34,6 +34,7 @@ import numpy as np
 
 from gkq_jax import _vectors
 from gkq_jax import rules as rules_lib
+from gkq_jax._clustering import check_finite, check_nonnegative
 from gkq_jax._paths import named_leaves
 from gkq_jax.kmeans1d import grouped_kmeans_1d
 from gkq_jax.kmeans_vectors import kmeans_vectors
@@ -51,6 +52,8 @@ class ClusteredArray:
   ``indices`` has the non-vector axes, and the vector axes sit at
   ``vector_axis`` of the original (0: leading, whole filters; the last spatial
   axis for kernel rows).
+  The codebook is float32; ``dtype`` is the dense array's (a bfloat16 kernel
+  dequantizes to bfloat16).
   """
 
   codebook: jax.Array
@@ -59,6 +62,7 @@ class ClusteredArray:
   # Index 0 is an exact zero reserved for pruned weights (codebook[..., 0] == 0).
   pinned_zero: bool = flax.struct.field(pytree_node=False, default=False)
   vector_axis: int = flax.struct.field(pytree_node=False, default=0)
+  dtype: np.dtype = flax.struct.field(pytree_node=False, default=np.dtype("float32"))
 
   @property
   def shape(self):
@@ -75,11 +79,13 @@ class ClusteredArray:
     idx = self.indices.astype(jnp.int32)
     if self.vector_shape is not None:
       vectors = self.codebook[idx]  # (*rest, d)
-      return _vectors.from_vectors(vectors, self.vector_axis, self.vector_shape)
-    C, k = self.codebook.shape
-    if C == 1:
-      return self.codebook[0][idx]
-    return self.codebook.reshape(-1)[idx + jnp.arange(C, dtype=jnp.int32) * k]
+      dense = _vectors.from_vectors(vectors, self.vector_axis, self.vector_shape)
+    elif self.codebook.shape[0] == 1:
+      dense = self.codebook[0][idx]
+    else:
+      C, k = self.codebook.shape
+      dense = self.codebook.reshape(-1)[idx + jnp.arange(C, dtype=jnp.int32) * k]
+    return dense.astype(self.dtype)
 
 
 def is_clustered(x) -> bool:
@@ -134,7 +140,9 @@ def quantize(params: Any, importance: Any = None,
       :func:`gkq_jax.kmeans_vectors` (init, max_iter, tol).
 
   Returns:
-    ``params`` with each selected leaf replaced by a :class:`ClusteredArray`.
+    ``params`` with each selected leaf replaced by a :class:`ClusteredArray`
+    that dequantizes to the leaf's own dtype. Non-floating-point leaves (an
+    nnx state's RNG keys and counts, integer buffers) are never clustered.
   """
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}.")
@@ -153,23 +161,23 @@ def quantize(params: Any, importance: Any = None,
   if importance is None:
     imps = [None] * len(leaves)
   else:
-    imp_flat, imp_def = jax.tree_util.tree_flatten(importance)
-    if imp_def != treedef:
-      raise ValueError("importance must have the same tree structure as params "
-                       f"({treedef.num_leaves} leaves vs {imp_def.num_leaves}).")
-    imps = imp_flat
+    imps = _importance_leaves(treedef, importance)
     for path, leaf, imp in zip(paths, leaves, imps):
-      if jnp.shape(imp) != jnp.shape(leaf):
+      if imp is not None and jnp.shape(imp) != jnp.shape(leaf):
         raise ValueError(f"importance of {path} has shape {jnp.shape(imp)}, "
                          f"the parameter {jnp.shape(leaf)}.")
-  ks = [rules_lib.clusters_for(rules, p, leaf) for p, leaf in zip(paths, leaves)]
+  ks = [rules_lib.clusters_for(rules, p, leaf) if _is_float(leaf) else 0
+        for p, leaf in zip(paths, leaves)]
   masks = [None] * len(leaves) if masks is None else jax.tree_util.tree_leaves(masks)
   if len(masks) != len(leaves):
     raise ValueError("masks must have the same tree structure as params.")
   chosen = [i for i, k in enumerate(ks) if k > 0]
   if not chosen:
     raise ValueError("no parameter is selected for clustering: check the rules' "
-                     f"patterns and min_ndim against paths such as {paths[:4]}.")
+                     f"patterns and min_ndim against paths such as {paths[:4]} "
+                     "(non-floating-point leaves are never clustered).")
+  for i in chosen:
+    _check_leaf(paths[i], leaves[i], imps[i], granularity)
   key = jax.random.PRNGKey(0) if key is None else key
   out = list(leaves)
   if granularity in _vectors.VECTOR_LAYOUTS:
@@ -182,7 +190,39 @@ def quantize(params: Any, importance: Any = None,
         [masks[i] for i in chosen], [paths[i] for i in chosen], granularity, budget, key,
         cluster_options)):
       out[i] = clustered
+  for i in chosen:  # the codebook stays float32; dequantize gives the leaf's dtype back
+    out[i] = out[i].replace(dtype=np.dtype(jnp.result_type(leaves[i])))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _is_float(leaf) -> bool:
+  return jax.dtypes.issubdtype(jnp.result_type(leaf), jnp.floating)
+
+
+def _importance_leaves(treedef, importance) -> list:
+  """One importance per params leaf; ``None`` (uniform) where importance has None,
+  as :func:`gkq_jax.compute_importance` gives for non-float leaves."""
+  try:
+    return treedef.flatten_up_to(importance)
+  except (ValueError, TypeError) as e:
+    num = jax.tree_util.tree_structure(importance).num_leaves
+    raise ValueError("importance must have the same tree structure as params "
+                     f"({treedef.num_leaves} leaves vs {num}): {str(e).splitlines()[0]}") from e
+
+
+def _check_leaf(path, leaf, imp, granularity) -> None:
+  """Input errors of one selected parameter, named by its path and position."""
+  shape = jnp.shape(leaf)
+  if int(np.prod(shape)) == 0:
+    raise ValueError(f"{path} has no elements (shape {shape}); leave it out of the rules, "
+                     "e.g. with a pattern that does not match it.")
+  if granularity == "channel" and not shape:
+    raise ValueError(f"{path} is 0-d, so it has no output channel for granularity='channel'; "
+                     "set the rule's min_ndim=1 (or more) or use granularity='layer'.")
+  check_finite(path, leaf)
+  if imp is not None:
+    check_finite(f"importance of {path}", imp)
+    check_nonnegative(f"importance of {path}", imp)
 
 
 def _scalar_layout(shape, mask, granularity):

@@ -12,9 +12,15 @@ import dataclasses
 import re
 from typing import Any, Sequence
 
+import numpy as np
+
 from gkq_jax._paths import map_with_paths, named_leaves
 
 MAX_CLUSTERS = 65536
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,19 +34,22 @@ class ClusterRule:
       re.compile(self.pattern)
     except re.error as e:
       raise ValueError(f"rule pattern {self.pattern!r} is not a valid regex: {e}") from e
-    if not 0 <= self.num_clusters <= MAX_CLUSTERS:
-      raise ValueError(f"rule {self.pattern!r}: num_clusters must be in 1..{MAX_CLUSTERS} "
-                       f"(or 0 to skip), got {self.num_clusters}.")
+    if not _is_int(self.num_clusters) or not 0 <= self.num_clusters <= MAX_CLUSTERS:
+      raise ValueError(f"rule {self.pattern!r}: num_clusters must be an integer in "
+                       f"1..{MAX_CLUSTERS} (or 0 to skip), got {self.num_clusters!r}.")
+    if not _is_int(self.min_ndim):
+      raise ValueError(f"rule {self.pattern!r}: min_ndim must be an integer, "
+                       f"got {self.min_ndim!r}.")
 
 
 DEFAULT_RULES = (ClusterRule(),)
 
 
 def bits_rule(pattern: str, bits: int, min_ndim: int = 2) -> ClusterRule:
-  """A rule with 2**bits clusters; bits must be in 1..16."""
-  if not 1 <= bits <= 16:
-    raise ValueError(f"bits must be in 1..16, got {bits}.")
-  return ClusterRule(pattern, 2 ** bits, min_ndim)
+  """A rule with 2**bits clusters; bits must be an integer in 1..16."""
+  if not _is_int(bits) or not 1 <= bits <= 16:
+    raise ValueError(f"bits must be in 1..16 and an integer, got {bits!r}.")
+  return ClusterRule(pattern, 2 ** int(bits), min_ndim)
 
 
 def clusters_for(rules: Sequence[ClusterRule], path: str, leaf) -> int:

@@ -10,10 +10,20 @@ their shared values stay on them, bit for bit. Put it last in a chain:
 
 Composes with ``optax.masked`` and :func:`gkq_jax.prune.keep_pruned`; a pruned
 weight (the pinned zero centroid) never moves.
+
+Leaves are matched by their key paths, not by tree structure, so the ``q`` of a
+full ``nnx.split`` state, of ``nnx.state(model, nnx.Param)`` or of its
+``nnx.to_pure_dict`` all serve ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` (which
+passes a State of Params to ``init`` and pure arrays to ``update``).
+
+To train the codebooks themselves instead (gradients with respect to the shared
+values, no integer leaves in sight), use :func:`codebook_params` and
+:func:`replace_codebooks`.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -21,10 +31,11 @@ import jax.numpy as jnp
 import optax
 
 from gkq_jax import _vectors
+from gkq_jax._clustering import is_traced
+from gkq_jax._paths import path_keys, path_string
 from gkq_jax.quantize import ClusteredArray, is_clustered
 
 REDUCTIONS = ("mean", "sum")
-_PLAIN = -1  # segment marker of a leaf that is not clustered
 
 
 def _cluster_segments(leaf: ClusteredArray) -> tuple[jax.Array, int]:
@@ -40,9 +51,48 @@ def _cluster_segments(leaf: ClusteredArray) -> tuple[jax.Array, int]:
   return idx, channels * k
 
 
+def _is_masked(x) -> bool:
+  return isinstance(x, optax.MaskedNode)  # a leaf left out by optax.masked
+
+
+def _clusters_by_key(quantized: Any) -> dict[tuple, tuple[str, ClusteredArray]]:
+  """{key path: (path string, ClusteredArray)} of every clustered leaf."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(quantized, is_leaf=is_clustered)
+  found = {path_keys(p): (path_string(p), leaf) for p, leaf in flat if is_clustered(leaf)}
+  if not found:
+    raise ValueError("quantized holds no ClusteredArray: pass the output of gkq_jax.quantize.")
+  return found
+
+
+def _leaves_by_key(tree: Any, is_leaf=None) -> dict[tuple, Any]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+  return {path_keys(p): leaf for p, leaf in flat}
+
+
+def _check_covers(clusters: dict, leaves: dict, what: str, caller: str) -> None:
+  """Every clustered leaf of q must be found, with its shape, in ``leaves``."""
+  missing = [name for key, (name, _) in clusters.items() if key not in leaves]
+  if missing:
+    sample = ", ".join(repr("/".join(map(str, k))) for k in list(leaves)[:3])
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise ValueError(
+        f"{caller}: q clusters {missing[0]!r}{more} but the {what} have no leaf there "
+        f"(their paths look like {sample or 'nothing'}). "
+        "Quantize the tree the optimizer updates: with nnx.Optimizer(model, tx, "
+        "wrt=nnx.Param), nnx.split(model)[1], nnx.state(model, nnx.Param) or its "
+        "nnx.to_pure_dict; with linen, the params collection itself.")
+  for key, (name, leaf) in clusters.items():
+    value = leaves[key]
+    if not _is_masked(value) and tuple(jnp.shape(value)) != tuple(leaf.shape):
+      raise ValueError(f"{caller}: {what} at {name!r} have shape {tuple(jnp.shape(value))}, "
+                       f"but q clustered weights of shape {tuple(leaf.shape)} there; pass the "
+                       "params q was quantized from.")
+
+
 class ShareCentroidsState(NamedTuple):
-  segments: Any  # per weight: its cluster id (int32), or a scalar -1 for plain leaves
-  scale: Any  # per cluster: 1/size ("mean") or 1 ("sum"); 0 for a pinned zero
+  # One entry per clustered leaf of q, in q's order.
+  segments: tuple  # per weight: its cluster id (int32)
+  scale: tuple  # per cluster: 1/size ("mean") or 1 ("sum"); 0 for a pinned zero
 
 
 def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTransformation:
@@ -50,16 +100,19 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
 
   Args:
     quantized: the output of :func:`gkq_jax.quantize` (its ClusteredArray
-      leaves give the clusters; the params being trained are its dequantized
-      form, with the same tree structure).
+      leaves give the clusters). The params being trained are its dequantized
+      form; they are matched to ``quantized`` by path, so any of the nnx state
+      forms works (see the module docstring) and leaves ``quantized`` does not
+      cluster pass through. ``init`` raises if a clustered path is missing from
+      the params or has another shape.
     reduce: "mean" (projection) or "sum" (Deep Compression).
   """
   if reduce not in REDUCTIONS:
     raise ValueError(f"reduce={reduce!r} is not one of {REDUCTIONS}.")
+  clusters = _clusters_by_key(quantized)
+  slots = {key: i for i, key in enumerate(clusters)}
 
   def leaf_state(leaf):
-    if not is_clustered(leaf):
-      return jnp.full((), _PLAIN, jnp.int32), jnp.zeros((), jnp.float32)
     seg, n = _cluster_segments(leaf)
     counts = jax.ops.segment_sum(jnp.ones(seg.size, jnp.float32), seg.reshape(-1), n)
     scale = 1.0 / jnp.maximum(counts, 1.0) if reduce == "mean" else jnp.ones(n, jnp.float32)
@@ -68,42 +121,103 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
       scale = scale.at[::leaf.codebook.shape[-1]].set(0.0)
     return seg, scale
 
-  pairs = jax.tree.map(leaf_state, quantized, is_leaf=is_clustered)
-  treedef = jax.tree.structure(quantized, is_leaf=is_clustered)
-  flat = treedef.flatten_up_to(pairs)
-  state = ShareCentroidsState(treedef.unflatten([p[0] for p in flat]),
-                              treedef.unflatten([p[1] for p in flat]))
+  pairs = [leaf_state(leaf) for _, leaf in clusters.values()]
+  state = ShareCentroidsState(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
 
   def init_fn(params):
-    del params
+    _check_covers(clusters, _leaves_by_key(params, is_leaf=_is_masked), "params",
+                  "share_centroids")
     return state
 
   def update_fn(updates, state, params=None):
     del params
-
-    def project(u, seg, scale):
-      if seg.ndim == 0 or isinstance(u, optax.MaskedNode):
-        return u
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
+    _check_covers(clusters, {path_keys(p): u for p, u in flat}, "updates", "share_centroids")
+    out = []
+    for path, u in flat:
+      slot = slots.get(path_keys(path))
+      if slot is None or _is_masked(u):
+        out.append(u)
+        continue
+      seg, scale = state.segments[slot], state.scale[slot]
       total = jax.ops.segment_sum(u.reshape(-1), seg.reshape(-1), scale.shape[0])
-      return (total * scale)[seg].astype(u.dtype)
-
-    masked = lambda x: isinstance(x, optax.MaskedNode)  # inside optax.masked
-    return jax.tree.map(project, updates, state.segments, state.scale, is_leaf=masked), state
+      out.append((total * scale)[seg].astype(u.dtype))
+    return treedef.unflatten(out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def refresh_codebooks(quantized: Any, params: Any) -> Any:
-  """The ClusteredArrays of ``quantized`` with codebooks read back from the
-  fine-tuned dense ``params`` (every member of a cluster holds its value)."""
+  """``quantized`` with codebooks read back from the fine-tuned dense ``params``
+  and its other leaves (biases, norms) taken from ``params`` where it has them.
 
-  def refresh(leaf, dense):
+  ``params`` is matched to ``quantized`` by path (as in :func:`share_centroids`).
+  After fine-tuning with :func:`share_centroids` every member of a cluster holds
+  the same value and it is read back exactly. Where members differ (weights
+  trained without the projection), the entry becomes the members' mean, the
+  closest single value in the L2 sense, and a warning says how many clusters
+  that concerned (outside ``jax.jit``); a pinned zero stays zero.
+  """
+  clusters = _clusters_by_key(quantized)
+  dense_by_key = _leaves_by_key(params)
+  _check_covers(clusters, dense_by_key, "params", "refresh_codebooks")
+
+  def refresh(path, leaf):
+    key = path_keys(path)
     if not is_clustered(leaf):
-      return dense
+      return dense_by_key.get(key, leaf)
     seg, n = _cluster_segments(leaf)
-    values = jax.ops.segment_max(dense.reshape(-1), seg.reshape(-1), n)
-    counts = jax.ops.segment_sum(jnp.ones(seg.size), seg.reshape(-1), n)
-    book = jnp.where(counts > 0, values, leaf.codebook.reshape(-1)).reshape(leaf.codebook.shape)
+    seg = seg.reshape(-1)
+    x = jnp.asarray(dense_by_key[key], jnp.float32).reshape(-1)
+    counts = jax.ops.segment_sum(jnp.ones(seg.size, jnp.float32), seg, n)
+    hi = jax.ops.segment_max(x, seg, n)
+    lo = jax.ops.segment_min(x, seg, n)
+    mean = jax.ops.segment_sum(x, seg, n) / jnp.maximum(counts, 1.0)
+    values = jnp.where(hi == lo, hi, mean)
+    if leaf.pinned_zero and leaf.vector_shape is None:
+      values = values.at[::leaf.codebook.shape[-1]].set(0.0)
+    differ = (counts > 0) & (hi != lo)
+    if not is_traced(differ) and bool(jnp.any(differ)):
+      warnings.warn(f"refresh_codebooks: {int(jnp.sum(differ))} cluster(s) of "
+                    f"{path_string(path)!r} hold differing weights (fine-tuned without "
+                    "share_centroids?); their shared value is now the members' mean, so "
+                    "dequantize(result) differs from params there.", stacklevel=3)
+    old = leaf.codebook.reshape(-1)
+    book = jnp.where(counts > 0, values, old).reshape(leaf.codebook.shape)
     return leaf.replace(codebook=book.astype(leaf.codebook.dtype))
 
-  return jax.tree.map(refresh, quantized, params, is_leaf=is_clustered)
+  return jax.tree_util.tree_map_with_path(refresh, quantized, is_leaf=is_clustered)
+
+
+def codebook_params(quantized: Any) -> Any:
+  """The trainable part of a quantized tree: each ClusteredArray replaced by
+  its float codebook, every other leaf as it is.
+
+  ``jax.grad`` over a quantized tree itself fails on the integer indices; over
+  this tree it gives the gradient with respect to every shared value (the sum
+  of its members' gradients), ready for any optax optimizer::
+
+    trainable = codebook_params(q)
+    loss = lambda t, batch: loss_fn(dequantize(replace_codebooks(q, t)), batch)
+    grads = jax.grad(loss)(trainable, batch)
+  """
+  return jax.tree.map(lambda x: x.codebook if is_clustered(x) else x, quantized,
+                      is_leaf=is_clustered)
+
+
+def replace_codebooks(quantized: Any, trainable: Any) -> Any:
+  """``quantized`` with codebooks (and plain leaves) from ``trainable``, a tree
+  shaped like :func:`codebook_params`'s output. A pinned zero is forced back
+  to zero, so its gradient is zero and pruned weights stay pruned."""
+
+  def put(leaf, value):
+    if not is_clustered(leaf):
+      return value
+    if jnp.shape(value) != leaf.codebook.shape:
+      raise ValueError(f"replace_codebooks: a codebook of shape {jnp.shape(value)} for a "
+                       f"ClusteredArray whose codebook is {leaf.codebook.shape}.")
+    if leaf.pinned_zero and leaf.vector_shape is None:
+      value = value.at[..., 0].set(0.0)
+    return leaf.replace(codebook=value)
+
+  return jax.tree.map(put, quantized, trainable, is_leaf=is_clustered)

@@ -46,3 +46,41 @@ def test_every_coding_round_trips_exactly(tmp_path, k, density):
                                 np.asarray(gkq.dequantize(q)["w"]))
   if density < 0.1:
     assert sizes["w"]["coding"] == "sparse"
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+def test_tree_comes_back_as_saved(tmp_path):
+  # "a/b" next to a nested a -> b (both were written, one came back), a Haiku-style
+  # "/" key, a list, a tuple, integer keys, None and a bfloat16 leaf.
+  w = jax.random.normal(jax.random.PRNGKey(0), (6, 5))
+  tree = {"a/b": np.full(2, 1.0, np.float32), "a": {"b": np.full(3, 2.0, np.float32)},
+          "mlp/~/linear_0": {"w": w}, "blocks": [{"w": 2 * w}, np.ones(2, np.int8)],
+          "pair": (np.zeros(1), None), "by_index": {0: 3 * w, 1: np.arange(3)},
+          "half": np.ones(4, jax.numpy.bfloat16)}
+  q = gkq.quantize(tree, None, [gkq.ClusterRule("w$|^by_index/0$", 4)])
+  size, sizes = encode.save(tmp_path / "m.gkq", q)
+  assert {"a%2Fb", "a/b", "mlp%2F~%2Flinear_0/w", "blocks/0/w", "by_index/0"} <= set(sizes)
+  back = encode.load(tmp_path / "m.gkq")
+  assert jax.tree.structure(back, is_leaf=gkq.is_clustered) == jax.tree.structure(
+      q, is_leaf=gkq.is_clustered)
+  for (path, x), (_, y) in zip(gkq.named_leaves(gkq.dequantize(q)),
+                               gkq.named_leaves(gkq.dequantize(back))):
+    assert np.asarray(x).dtype == np.asarray(y).dtype, path
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_unrepresentable_key_raises_at_save(tmp_path):
+  with pytest.raises(ValueError, match=r"key \(1, 2\).*str or int"):
+    encode.save(tmp_path / "m.gkq", {(1, 2): np.zeros(2)})
+  assert not (tmp_path / "m.gkq").exists()
+
+
+def test_reads_format_version_1_files():
+  # Written by the version-1 writer (paths joined with '/', no stored structure).
+  back = encode.load(DATA / "format_v1.gkq")
+  kernel = back["params"]["Dense_0"]["kernel"]
+  expected = np.array([-1.0, 0.5, 2.0], np.float32)[(np.arange(24) * 7 % 3).reshape(4, 6)]
+  np.testing.assert_array_equal(np.asarray(gkq.dequantize(kernel)), expected)
+  np.testing.assert_array_equal(back["params"]["Dense_0"]["bias"], np.arange(6))

@@ -34,3 +34,16 @@ def test_exact_on_histogram_is_near_ckwrap(bell):
   ref = ckwrap.ckmeans(x.astype(np.float64), 16, weights=h.astype(np.float64))
   out = gkq.kmeans_1d(x, h, 16, method="exact", exact_max_points=100, bins=1024)
   assert sse(x, h, out.centroids, out.assignments) <= 1.002 * sse(x, h, ref.centers, ref.labels)
+
+
+def test_exact_under_vmap_and_jit():
+  import jax
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((3, 40)).astype(np.float32)
+  h = rng.random((3, 40)).astype(np.float32)
+  one = lambda x, h: gkq.kmeans_1d(x, h, 3, method="exact", refine_iters=0).centroids
+  batched = jax.jit(jax.vmap(one))(x, h)
+  for b in range(3):
+    np.testing.assert_allclose(np.asarray(batched[b]), np.asarray(one(x[b], h[b])), rtol=1e-6)
+  shared_h = jax.vmap(one, in_axes=(0, None))(x, h[0])  # one unbatched argument
+  np.testing.assert_allclose(np.asarray(shared_h[2]), np.asarray(one(x[2], h[0])), rtol=1e-6)

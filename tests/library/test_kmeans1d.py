@@ -162,3 +162,31 @@ def test_runs_under_jit_and_is_deterministic(bell):
   other = gkq.kmeans_1d(x, h, 8, init="forgy", key=jax.random.PRNGKey(1))
   again = gkq.kmeans_1d(x, h, 8, init="forgy", key=jax.random.PRNGKey(1))
   np.testing.assert_array_equal(np.asarray(other.centroids), np.asarray(again.centroids))
+
+
+def test_any_bins_at_or_above_the_minimum_work(bell):
+  x, h = bell
+  out = gkq.kmeans_1d(x, h, 8, bins=300)  # rounded up to a power of two
+  ref = gkq.kmeans_1d(x, h, 8, bins=512)
+  np.testing.assert_array_equal(np.asarray(out.centroids), np.asarray(ref.centroids))
+  with pytest.raises(ValueError, match=r"bins must be an integer in 16\.\.65536, got 1"):
+    gkq.kmeans_1d(x, h, 8, bins=1)
+
+
+def test_one_cluster_count_per_group():
+  with pytest.raises(ValueError, match=r"num_clusters has 3 entries for 2 groups"):
+    gkq.grouped_kmeans_1d(np.zeros(10, np.float32), None, (4, 6), (2, 3, 4))
+
+
+def test_checkify_reports_nan_under_jit():
+  from jax.experimental import checkify
+  x = np.linspace(-1, 1, 64).astype(np.float32)
+  x[5] = np.nan
+  find = checkify.checkify(jax.jit(lambda x: gkq.kmeans_1d(x, None, 4).centroids))
+  err, _ = find(x)
+  with pytest.raises(checkify.JaxRuntimeError, match=r"values has 1 non-finite.*index \(5,\)"):
+    err.throw()
+  err, _ = find(np.nan_to_num(x))
+  assert err.get() is None
+  # Without checkify the jitted call runs as before.
+  assert jax.jit(lambda x: gkq.kmeans_1d(x, None, 4).centroids)(x).shape == (4,)

@@ -50,3 +50,14 @@ def test_importance_changes_vector_assignment():
   pts = np.concatenate([points, [[10.0, 3.0]]]).astype(np.float32)
   out = gkq.kmeans_vectors(pts, h, 2, max_iter=20)
   assert np.isfinite(np.asarray(out.centroids)).all()
+
+
+def test_vector_input_checks():
+  points = np.ones((10, 3), np.float32)
+  with pytest.raises(ValueError, match="importance must be non-negative"):
+    gkq.kmeans_vectors(points, -np.ones_like(points), 2)
+  from jax.experimental import checkify
+  points[4, 1] = np.nan
+  err, _ = checkify.checkify(jax.jit(lambda p: gkq.kmeans_vectors(p, None, 2).centroids))(points)
+  with pytest.raises(checkify.JaxRuntimeError, match=r"points has 1 non-finite.*\(4, 1\)"):
+    err.throw()

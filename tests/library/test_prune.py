@@ -19,6 +19,13 @@ def test_keep_pruned_zeroes_moments_and_decay():
   assert float(params["w"][0]) == 0.0 and float(params["w"][1]) != 2.0
   assert float(state.inner[0].mu["w"][0]) == 0.0
 
+
+@pytest.mark.parametrize("quality", [float("nan"), -0.5, float("inf")])
+def test_magnitude_masks_rejects_meaningless_quality(quality):
+  with pytest.raises(ValueError, match="quality must be a finite number >= 0"):
+    prune.magnitude_masks({"w": jnp.ones(3)}, {"w": True}, quality)
+
+
 # ------------------------------------------------------- Optimal Brain Damage
 
 

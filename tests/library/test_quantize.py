@@ -142,3 +142,42 @@ def test_clustered_tree_is_jit_friendly(linen_setup):
   x = jnp.ones((2, 6, 6, 2))
   logits = jax.jit(lambda q, x: SmallCNN().apply(gkq.dequantize(q), x))(q, x)
   np.testing.assert_allclose(logits, SmallCNN().apply(gkq.dequantize(q), x), rtol=1e-5, atol=1e-6)
+
+
+def test_dequantize_keeps_each_leafs_dtype_and_skips_integers():
+  w = jax.random.normal(jax.random.PRNGKey(0), (8, 6))
+  params = {"bf16": {"kernel": w.astype(jnp.bfloat16)}, "f16": {"kernel": w.astype(jnp.float16)},
+            "int": {"kernel": jnp.arange(48, dtype=jnp.int32).reshape(8, 6)}}
+  q = gkq.quantize(params, None, [gkq.ClusterRule(num_clusters=4)])
+  assert not gkq.is_clustered(q["int"]["kernel"])  # integer leaves are not clustered
+  for name, dtype in (("bf16", jnp.bfloat16), ("f16", jnp.float16)):
+    c = q[name]["kernel"]
+    assert c.codebook.dtype == jnp.float32 and c.dtype == dtype
+    dense = gkq.dequantize(q)[name]["kernel"]
+    assert dense.dtype == dtype and len(np.unique(np.asarray(dense, np.float32))) <= 4
+  jitted = jax.jit(gkq.dequantize)(q)
+  assert jitted["bf16"]["kernel"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("case", ["scalar_channel", "empty", "nan_weight", "nan_importance"])
+def test_quantize_names_the_parameter_at_fault(case):
+  w = np.linspace(-1, 1, 20, dtype=np.float32).reshape(4, 5)
+  params, importance = {"ok": {"kernel": w}, "bad": {"kernel": w.copy()}}, None
+  kwargs = {}
+  if case == "scalar_channel":
+    params["bad"]["kernel"] = np.float32(0.5)
+    rules, kwargs = [gkq.ClusterRule("kernel", 4, min_ndim=0)], {"granularity": "channel"}
+    match = r"bad/kernel is 0-d.*min_ndim=1"
+  elif case == "empty":
+    params["bad"]["kernel"] = np.zeros((0, 5), np.float32)
+    rules, match = [gkq.ClusterRule("kernel", 4)], r"bad/kernel has no elements \(shape \(0, 5\)\)"
+  elif case == "nan_weight":
+    params["bad"]["kernel"][2, 3] = np.nan
+    rules, match = [gkq.ClusterRule("kernel", 4)], r"bad/kernel has 1 non-finite.*\(2, 3\)"
+  else:
+    importance = jax.tree.map(np.ones_like, params)
+    importance["bad"]["kernel"][1, 0] = np.inf
+    rules, match = ([gkq.ClusterRule("kernel", 4)],
+                    r"importance of bad/kernel has 1 non-finite.*\(1, 0\)")
+  with pytest.raises(ValueError, match=match):
+    gkq.quantize(params, importance, rules, **kwargs)

@@ -42,3 +42,11 @@ def test_rule_that_matches_nothing_is_an_error():
     gkq.ClusterRule("(", 4)
   with pytest.raises(ValueError, match="bits must be in 1..16"):
     gkq.bits_rule("kernel", 17)
+
+
+def test_cluster_counts_must_be_integers():
+  with pytest.raises(ValueError, match=r"bits must be in 1..16 and an integer, got 2.5"):
+    gkq.bits_rule("kernel$", 2.5)
+  with pytest.raises(ValueError, match=r"num_clusters must be an integer.*got 7.5"):
+    gkq.ClusterRule("kernel$", 7.5)
+  assert gkq.bits_rule("kernel$", np.int64(3)).num_clusters == 8

@@ -80,3 +80,41 @@ def test_share_composes_with_optax_masked():
   out, _ = tx.update(grads, tx.init(params))
   np.testing.assert_allclose(out["a"], [2.0, 2.0, 5.0])
   np.testing.assert_allclose(out["b"], grads["b"])
+
+
+def test_share_centroids_checks_param_shapes_at_init():
+  q = gkq.quantize({"w": jnp.arange(12.0).reshape(3, 4)}, None, [gkq.ClusterRule("w", 3)])
+  tx = share.share_centroids(q)
+  with pytest.raises(ValueError, match=r"params at 'w' have shape \(4, 3\).*\(3, 4\)"):
+    tx.init({"w": jnp.zeros((4, 3))})
+
+
+def test_refresh_codebooks_averages_weights_that_left_their_values():
+  params = {"w": jnp.array([[0.0, 1.0], [1.0, 3.0]])}
+  q = gkq.quantize(params, None, [gkq.ClusterRule("w", 3)])
+  moved = {"w": jnp.array([[0.0, 1.5], [0.5, 3.0]])}  # trained without share_centroids
+  with pytest.warns(UserWarning, match=r"1 cluster\(s\) of 'w' hold differing weights"):
+    refreshed = share.refresh_codebooks(q, moved)
+  np.testing.assert_allclose(gkq.dequantize(refreshed)["w"], [[0.0, 1.0], [1.0, 3.0]])
+  kept = {"w": jnp.array([[0.25, 1.5], [1.5, 3.0]])}  # moved together: read back exactly
+  np.testing.assert_array_equal(gkq.dequantize(share.refresh_codebooks(q, kept))["w"], kept["w"])
+
+
+def test_gradients_with_respect_to_codebooks():
+  w = jnp.array([[0.0, 1.0, 1.0], [3.0, 0.0, 3.0]])
+  masks = {"w": w != 0, "b": jnp.ones(2, bool)}
+  q = gkq.quantize({"w": w, "b": jnp.ones(2)}, None, [gkq.ClusterRule("w", 3)], masks=masks)
+  trainable = share.codebook_params(q)  # codebooks where clustered, other leaves as they are
+  assert trainable["w"].shape == q["w"].codebook.shape
+
+  def loss(trainable, x):
+    p = gkq.dequantize(share.replace_codebooks(q, trainable))
+    return jnp.sum(x @ p["w"]) + jnp.sum(p["b"])
+
+  grads = jax.jit(jax.grad(loss))(trainable, jnp.ones((1, 2)))
+  # d/dc of sum(w): number of members of each cluster; the pinned zero never moves.
+  np.testing.assert_allclose(grads["w"], [[0.0, 2.0, 2.0]])
+  np.testing.assert_allclose(grads["b"], [1.0, 1.0])
+  stepped = jax.tree.map(lambda p, g: p - 0.1 * g, trainable, grads)
+  dense = gkq.dequantize(share.replace_codebooks(q, stepped))["w"]
+  np.testing.assert_allclose(dense, [[0.0, 0.8, 0.8], [2.8, 0.0, 2.8]], rtol=1e-6)
