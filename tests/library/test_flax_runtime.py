@@ -110,10 +110,9 @@ def test_nnx_packed_model_equals_dense_model():
   graphdef, state = nnx_random(NnxNet)
   q = cheap_quantize(state)
   images = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 4, 3))
-  dense = nnx.merge(graphdef, gkq.dequantize(q))(images)
-  model = gkq.merge_packed(graphdef, gkq.pack_tree(q), kernel="xla")
-  _close(nnx.jit(lambda m, x: m(x))(model, images), dense)
-  _close(model(images), dense)
+  forward = nnx.jit(lambda m, x: m(x))
+  dense = forward(nnx.merge(graphdef, gkq.dequantize(q)), images)
+  _close(forward(gkq.merge_packed(graphdef, gkq.pack_tree(q), kernel="xla"), images), dense)
 
 
 def _deep_mlp(width=128, depth=4):
@@ -223,7 +222,8 @@ def test_lut_route_runs_dense_layers_through_the_kernel_and_names_fallbacks():
   assert not any("Dense_0" in m for m in messages)
   _close(y, model.apply({"params": gkq.dequantize(q)}, x))
 
+  # The first layer again, in nnx: the same kernel call (no new compilation).
   graphdef, state = nnx_random(lambda rngs: nnx.Linear(128, 32, rngs=rngs))
-  nq = cheap_quantize(state, 2, "channel")
+  nq = cheap_quantize(state, 4, "channel")
   layer = gkq.merge_packed(graphdef, gkq.pack_tree(nq), kernel="lut")
   _close(layer(x), nnx.merge(graphdef, gkq.dequantize(nq))(x))
