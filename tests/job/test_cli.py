@@ -45,9 +45,11 @@ def test_data_parallel_over_four_devices_matches_one():
 
 
 def test_main_cli_smoke_and_locked_config(tmp_path):
+  # Without --workdir the run goes to runs/<config>-<variant> under the current folder.
+  subprocess.run([sys.executable, str(ROOT / "main.py"), f"--config={ROOT}/configs/mlp.py:smoke"],
+                 cwd=tmp_path, check=True, capture_output=True, text=True)
+  assert (tmp_path / "runs" / "mlp-smoke" / "results.json").exists()
   cmd = [sys.executable, "main.py", "--config=configs/mlp.py:smoke", f"--workdir={tmp_path}"]
-  subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
-  assert (tmp_path / "results.json").exists()
   bad = subprocess.run(cmd + ["--config.num_epoch=3"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode != 0 and "num_epoch" in bad.stderr
   bad = subprocess.run(cmd + ["--config.dataset=idx:/no/such/dir"], cwd=ROOT,

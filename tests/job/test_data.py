@@ -92,7 +92,11 @@ def test_tfds_source_with_mock_data():
   try:
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
       ds = data_lib.load("tfds:mnist")
-  except Exception as e:  # mock data needs optional TF pieces on some installs
+  except (ImportError, data_lib.DataError) as e:
+    # Where the mock does not take, tfds falls back to preparing the real data and
+    # needs optional modules some installs lack; any other error is a failure.
+    if not isinstance(e, ImportError) and "ModuleNotFoundError" not in str(e):
+      raise
     pytest.skip(f"tfds mock_data unavailable here: {type(e).__name__}: {e}")
   assert ds.train_x.shape[1:] == (28, 28, 1) and ds.num_classes == 10
 

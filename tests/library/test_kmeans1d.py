@@ -190,3 +190,71 @@ def test_checkify_reports_nan_under_jit():
   assert err.get() is None
   # Without checkify the jitted call runs as before.
   assert jax.jit(lambda x: gkq.kmeans_1d(x, None, 4).centroids)(x).shape == (4,)
+
+
+@pytest.mark.parametrize("init", ["forgy", "kmeans++"])
+def test_random_starts_are_a_pure_function_of_the_key(bell, init):
+  x, h = bell
+
+  def start(seed):  # max_iter=0: the starting codebook itself (K as below: one compile)
+    return np.asarray(gkq.kmeans_1d(x, h, 33, method="lloyd", init=init, max_iter=0,
+                                    key=jax.random.PRNGKey(seed)).centroids)
+
+  np.testing.assert_array_equal(start(1), start(1))
+  assert not np.array_equal(start(1), start(2))
+
+
+def test_dp_start_falls_back_to_kmeanspp_above_32_clusters(bell):
+  x, h = bell
+  key = jax.random.PRNGKey(3)
+
+  def start(k, init):
+    return np.asarray(gkq.kmeans_1d(x, h, k, method="lloyd", init=init, max_iter=0,
+                                    key=key).centroids)
+
+  # 33 clusters: too many for the 256-bin table, so "dp" is k-means++ from the same key.
+  np.testing.assert_array_equal(start(33, "dp"), start(33, "kmeans++"))
+
+
+def test_all_zero_importance_of_one_group_in_a_grouped_call(bell):
+  x, h = bell
+  values = np.concatenate([x[:1000], 2 * x[1000:2000] + 1])
+  ones, zeros = np.ones(1000, np.float32), np.zeros(1000, np.float32)
+
+  def cluster(first, second):  # one compiled program for every call
+    return np.asarray(gkq.grouped_kmeans_1d(values, np.concatenate([first, second]),
+                                            (1000, 1000), 4).centroids)
+
+  warning = r"1 group\(s\) have all-zero importance \(first: group 1\)"
+  with pytest.warns(UserWarning, match=warning):
+    zero = cluster(h[:1000], zeros)
+  # The zero group is clustered with uniform weights; the other keeps its own.
+  np.testing.assert_allclose(zero, cluster(h[:1000], ones), rtol=1e-6)
+  assert not np.allclose(zero[0], cluster(ones, ones)[0])  # its importance matters here
+
+
+def test_hist_l1_update_moves_centroids_to_weighted_medians():
+  # Skewed data, where a cluster's weighted mean and weighted median differ by
+  # far more than a histogram bin. refine_iters=0: the histogram steps alone.
+  rng = np.random.default_rng(5)
+  x = rng.lognormal(0.0, 1.0, 4000).astype(np.float32)
+  h = rng.random(4000).astype(np.float32)
+  out = gkq.kmeans_1d(x, h, 4, objective="l1", refine_iters=0, bins=4096)
+  c, a = np.asarray(out.centroids), np.asarray(out.assignments)
+  width = (x.max() - x.min()) / 4096
+  for k in range(4):
+    members, w = x[a == k], h[a == k]
+    order = np.argsort(members)
+    cum = np.cumsum(w[order])
+    median = members[order][np.searchsorted(cum, cum[-1] / 2)]
+    # Means sit 10 to 200 bin widths from the medians here.
+    assert abs(c[k] - median) <= 6 * width, (k, c[k], median)
+
+
+def test_default_method_matches_flash1dkmeans(bell):
+  flash = pytest.importorskip("flash1dkmeans")
+  x, h = bell
+  c, a = flash.kmeans_1d(x.astype(np.float64), 16, sample_weights=h.astype(np.float64),
+                         random_state=0)
+  ours = gkq.kmeans_1d(x, h, 16)
+  assert sse(x, h, ours.centroids, ours.assignments) <= 1.005 * sse(x, h, c, a)

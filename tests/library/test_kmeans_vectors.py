@@ -45,11 +45,21 @@ def test_importance_changes_vector_assignment():
   assert int(jnp.argmin(plain[2])) == 0
   assert float(weighted[2, 0]) == pytest.approx(0.01 * 16 + 100 * 2.25)
   assert float(weighted[2, 1]) == pytest.approx(0.01 * 36 + 100 * 2.25)
-  # Per-coordinate weights steer the centroid update too.
-  h = np.array([[1, 1], [1, 1], [0.01, 100.0], [1, 1]], np.float32)
-  pts = np.concatenate([points, [[10.0, 3.0]]]).astype(np.float32)
+  # In the clustering itself: a point between two groups joins the one that is
+  # nearer in the coordinate its importance weights (y), not in plain distance.
+  rng = np.random.default_rng(0)
+  pts = np.concatenate([rng.normal(0.0, 0.3, (20, 2)), rng.normal((10.0, 3.0), 0.3, (20, 2)),
+                        [[4.0, 2.5]]]).astype(np.float32)
+  h = np.ones_like(pts)
+  h[-1] = (0.05, 4.0)
+  plain = np.asarray(gkq.kmeans_vectors(pts, None, 2, max_iter=20).assignments)
   out = gkq.kmeans_vectors(pts, h, 2, max_iter=20)
-  assert np.isfinite(np.asarray(out.centroids)).all()
+  weighted = np.asarray(out.assignments)
+  assert plain[-1] == plain[0] != plain[20] and weighted[-1] == weighted[20] != weighted[0]
+  ref_c, ref_a = numpy_weighted_vector_lloyd(pts.astype(np.float64), h.astype(np.float64),
+                                             np.asarray(out.centroids, np.float64), 1)
+  np.testing.assert_array_equal(weighted, ref_a)
+  np.testing.assert_allclose(np.asarray(out.centroids), ref_c, rtol=1e-5)
 
 
 def test_vector_input_checks():
@@ -61,3 +71,14 @@ def test_vector_input_checks():
   err, _ = checkify.checkify(jax.jit(lambda p: gkq.kmeans_vectors(p, None, 2).centroids))(points)
   with pytest.raises(checkify.JaxRuntimeError, match=r"points has 1 non-finite.*\(4, 1\)"):
     err.throw()
+
+
+def test_random_vector_starts_are_a_pure_function_of_the_key():
+  points = np.random.default_rng(1).standard_normal((200, 4)).astype(np.float32)
+
+  def start(seed):  # max_iter=0: the starting codebook itself
+    return np.asarray(gkq.kmeans_vectors(points, None, 5, init="forgy", max_iter=0,
+                                         key=jax.random.PRNGKey(seed)).centroids)
+
+  np.testing.assert_array_equal(start(1), start(1))
+  assert not np.array_equal(start(1), start(2))

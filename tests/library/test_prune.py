@@ -90,3 +90,18 @@ def test_sparsity_outside_unit_interval_is_refused(sparsity):
     prune.saliency_masks(params, importance, selected, sparsity)
   with pytest.raises(ValueError, match="sparsity must be in"):
     prune.cubic_sparsity(1, sparsity, end_step=4)
+
+
+def test_keep_pruned_zeroes_what_the_inner_optimiser_adds():
+  # Terms the inner optimiser adds on its own (gradient noise; weight decay of a
+  # weight the mask removes but that is not zero yet) must not reach pruned weights.
+  masks = {"w": jnp.array([False, True, False])}
+  params = {"w": jnp.array([0.0, 2.0, 1.5])}
+  inner = optax.chain(optax.add_noise(1.0, 0.0, seed=0), optax.adamw(0.1, weight_decay=0.5))
+  tx = prune.keep_pruned(inner, masks)
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update({"w": jnp.array([5.0, 1.0, 5.0])}, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(np.asarray(params["w"])[[0, 2]], [0.0, 1.5])
+  assert float(params["w"][1]) != 2.0

@@ -50,3 +50,18 @@ def test_cluster_counts_must_be_integers():
   with pytest.raises(ValueError, match=r"num_clusters must be an integer.*got 7.5"):
     gkq.ClusterRule("kernel$", 7.5)
   assert gkq.bits_rule("kernel$", np.int64(3)).num_clusters == 8
+
+
+def test_first_matching_rule_wins():
+  # Dense_0's own rule comes first, so the catch-all after it must not override it;
+  # a skip rule (0 clusters) placed first shadows every later rule the same way.
+  params = linen_like_params()
+  rules = [gkq.ClusterRule(r"Dense_0/kernel$", 2), gkq.ClusterRule(r"kernel$", 8),
+           gkq.ClusterRule(r"Conv_1", 4)]
+  ks = {p: gkq.clusters_for(rules, p, leaf) for p, leaf in gkq.named_leaves(params)
+        if p.endswith("kernel")}
+  assert ks == {"params/Conv_0/kernel": 8, "params/Conv_1/kernel": 8,
+                "params/Dense_0/kernel": 2, "params/Dense_1/kernel": 8}
+  skip_first = [gkq.ClusterRule("Dense_0", 0)] + rules
+  selected = dict(gkq.named_leaves(gkq.selected_leaves(params, skip_first)))
+  assert not selected["params/Dense_0/kernel"] and selected["params/Dense_1/kernel"]

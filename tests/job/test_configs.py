@@ -1,0 +1,73 @@
+"""The shipped configs and their variants: each one builds its model and names valid settings.
+
+Nothing is trained: the models are initialised abstractly (``jax.eval_shape``),
+so even the 10 M-parameter speech MLP and ResNet-34 cost milliseconds.
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+import gkq_jax as gkq
+from configs import default
+from gkq_jax import kmeans1d
+from gkq_jax.job import models, pipeline
+from gkq_jax.job import run as run_lib
+
+# Input shape of one example for each dataset spec kind the configs use.
+SAMPLE_SHAPES = {"digits": (8, 8, 1), "idx": (28, 28, 1), "folder": (32, 32, 3)}
+
+VARIANTS = [("mlp", ""), ("mlp", "fashion_mnist"), ("mlp", "dc_fashion_mnist"),
+            ("mlp", "compare_fashion_mnist"), ("mlp", "speech"), ("mlp", "smoke"),
+            ("lenet5", ""), ("lenet5", "fashion_mnist"), ("lenet5", "smoke"),
+            ("resnet34", ""), ("resnet34", "cifar10"), ("resnet34", "smoke")]
+
+
+def flat_keys(config, prefix=""):
+  keys = set()
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      keys |= flat_keys(value, f"{prefix}{name}.")
+    else:
+      keys.add(prefix + name)
+  return keys
+
+
+@pytest.mark.parametrize("name,variant", VARIANTS)
+def test_variant_builds_its_model_with_valid_settings(name, variant):
+  config = importlib.import_module(f"configs.{name}").get_config(variant)
+  # A field the defaults lack is a typo that would otherwise be silently ignored.
+  assert flat_keys(config) <= flat_keys(default.get_config())
+  assert config.mode in run_lib.MODES
+  q = config.quantize
+  assert q.importance in gkq.IMPORTANCE_KINDS and q.granularity in gkq.GRANULARITIES
+  assert (q.method, q.init, q.objective) in [
+      (m, i, o) for m in kmeans1d.METHODS for i in kmeans1d.INITS for o in kmeans1d.OBJECTIVES]
+  assert config.finetune.reduce in ("mean", "sum")
+  kind = config.dataset.partition(":")[0]
+  shape = SAMPLE_SHAPES[kind]
+  if config.image_size:
+    shape = (config.image_size, config.image_size, shape[2])
+  model = models.create_model(config, 10)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape)))
+  # The quantize rules (extra "regex=bits" entries first) each match a parameter.
+  rules = pipeline.cluster_rules(config)
+  gkq.check_rules(variables["params"], rules)
+  assert any(use for _, use in gkq.named_leaves(gkq.selected_leaves(variables["params"], rules)))
+
+
+def test_quantize_rules_entries_come_before_the_default_bits():
+  # Deep Compression's setting: 5 bits for the 784x300 layer, the default 4 elsewhere.
+  config = importlib.import_module("configs.mlp").get_config("dc_fashion_mnist")
+  model = models.create_model(config, 10)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))))
+  rules = pipeline.cluster_rules(config)
+  ks = {p: gkq.clusters_for(rules, p, leaf) for p, leaf in gkq.named_leaves(params["params"])}
+  assert ks == {"Dense_0/kernel": 32, "Dense_0/bias": 0, "Dense_1/kernel": 16,
+                "Dense_1/bias": 0, "Dense_2/kernel": 16, "Dense_2/bias": 0}
+  config.quantize.rules = ("Dense_0/kernel$:5",)
+  with pytest.raises(ValueError, match=r"quantize.rules entry 'Dense_0/kernel\$:5' must look like"):
+    pipeline.cluster_rules(config)
