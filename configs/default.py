@@ -57,6 +57,9 @@ def get_config():
   c.quantize.allocation = "optimal"
   c.quantize.pin_zero = False
   c.quantize.budget_clusters = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # k-means K tried per layer
+  c.quantize.budget_points = 12  # ECSQ prices per bit (and uniform widths) tried per layer
+  # h + damping x mean(h) per layer for OBD and quantization (gkq.damp_importance): 0 = raw g^2
+  c.quantize.damping = 0.0
   # Deep k-Means retraining before quantization (gkq_jax/dkm.py, job/dkm_stage.py): the k-means
   # regulariser lambda/2 ||W - W F F^T||^2 at the quantizer's K and granularity (conv rows /
   # filters for "row" / "vector"), F refreshed every refresh_every steps.

@@ -18,7 +18,7 @@ from gkq_jax.dkm import (KMeansRegularizerState, add_kmeans_regularizer, kmeans_
 from gkq_jax.energy import EnergyCosts, EnergyEstimate, estimate_energy
 from gkq_jax.exact1d import optimal_centroids
 from gkq_jax.flax_runtime import apply_packed, merge_packed
-from gkq_jax.importance import IMPORTANCE_KINDS, compute_importance
+from gkq_jax.importance import IMPORTANCE_KINDS, compute_importance, damp_importance
 from gkq_jax.kmeans1d import grouped_kmeans_1d, kmeans_1d, weighted_error
 from gkq_jax.kmeans_vectors import kmeans_vectors
 from gkq_jax.lowrank import (choose_ranks, factorize, factorize_layer, factorize_params,
@@ -52,6 +52,7 @@ __all__ = [
     "BudgetResult", "Choice", "allocate", "coded_bytes", "quantize_to_budget",
     "EntropyClustering", "ecsq_1d", "ecsq_for_rate", "ecsq_objective", "grouped_ecsq_1d",
     "grouped_uniform_1d", "uniform_for_rate", "cubic_sparsity", "saliency_masks",
+    "damp_importance",
     "KMeansRegularizerState", "add_kmeans_regularizer", "kmeans_regularizer",
     "kmeans_regularizer_grad", "kmeans_regularizer_init", "merge_states",
     "refresh_kmeans_regularizer",

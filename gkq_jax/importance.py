@@ -87,3 +87,17 @@ def compute_importance(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
   if count == 0:
     raise ValueError("batches is empty: importance needs at least one batch.")
   return as_tree([t / count for t in total])
+
+def damp_importance(importance: Any, damping: float) -> Any:
+  """``h + damping x mean(h)``, leaf by leaf (None leaves stay None).
+
+  The Fisher diagonal from a few thousand examples is noisy, and summed over
+  many weights it leaves out the cross terms: weights whose estimate is near
+  zero are not free to move all at once. Damping keeps a floor under every
+  weight, as Levenberg-Marquardt and OBS damp a Hessian. ``damping=0`` is the
+  raw estimate; a large damping tends to unweighted clustering scaled, layer by
+  layer, by the layer's mean importance (which still ranks the layers).
+  """
+  if not 0 <= damping < float("inf"):
+    raise ValueError(f"damping must be a finite number >= 0, got {damping}.")
+  return jax.tree.map(lambda h: h + damping * jnp.mean(h), importance)

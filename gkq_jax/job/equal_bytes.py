@@ -9,10 +9,12 @@ kernels, Huffman / sparse coding included, and is scored before and after
   * ``kmeans``: plain k-means, one K for every layer (the largest that fits);
   * ``gkq grad_sq``: the same with g^2-weighted k-means;
   * ``ecsq grad_sq``: entropy-constrained clustering, one price per bit for
-    every layer, found by bisection;
+    every layer, found by bisection; then the same with the importance damped
+    by ``quantize.damping`` (:func:`gkq_jax.damp_importance`);
   * ``uniform + huffman``: uniform cells of one width (bisection), cell means;
   * ``optimal allocation``: each layer its own k-means K or ECSQ price,
-    chosen by :func:`gkq_jax.allocate` for the least g^2-weighted distortion.
+    chosen by :func:`gkq_jax.allocate` for the least (damped) g^2-weighted
+    distortion.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from gkq_jax.job import pipeline
 from gkq_jax.job import report as report_lib
 
 METHODS = {
-    # name: (importance kind, candidate families, allocation)
-    "kmeans": ("none", ("kmeans",), "same"),
-    "gkq grad_sq": ("grad_sq", ("kmeans",), "same"),
-    "ecsq grad_sq": ("grad_sq", ("ecsq",), "same"),
-    "uniform + huffman": ("none", ("uniform",), "same"),
-    "optimal allocation": ("grad_sq", ("kmeans", "ecsq"), "optimal"),
+    # name: (importance kind, damped, candidate families, allocation)
+    "kmeans": ("none", False, ("kmeans",), "same"),
+    "gkq grad_sq": ("grad_sq", False, ("kmeans",), "same"),
+    "ecsq grad_sq": ("grad_sq", False, ("ecsq",), "same"),
+    "ecsq grad_sq damped": ("grad_sq", True, ("ecsq",), "same"),
+    "uniform + huffman": ("none", False, ("uniform",), "same"),
+    "optimal allocation damped": ("grad_sq", True, ("kmeans", "ecsq"), "optimal"),
 }
 
 
@@ -57,14 +60,19 @@ def equal_bytes(ctx: pipeline.Context, state, results: dict) -> dict:
   base = state.params
   importances = {kind: pipeline.importance_of(ctx, state, kind)
                  for kind in {m[0] for m in METHODS.values()}}
+  damped_grad_sq = gkq.damp_importance(importances["grad_sq"], config.quantize.damping)
   rows = []
   for bits in config.equal_bytes.bits:
     budget = fixed_width_bytes(base, rules, int(bits))
-    for name, (kind, families, allocation) in METHODS.items():
+    for name, (kind, damped, families, allocation) in METHODS.items():
       imp = None if kind == "none" else importances[kind]
+      if damped:
+        imp = gkq.damp_importance(imp, config.quantize.damping)
+        name = f"{name} {config.quantize.damping:g}"
       out = gkq.quantize_to_budget(base, imp, rules, budget, methods=families,
                                    allocation=allocation, pin_zero=config.quantize.pin_zero,
                                    clusters=tuple(config.quantize.budget_clusters),
+                                   points=int(config.quantize.budget_points),
                                    key=jax.random.PRNGKey(config.seed))
       scores = {}
       before = ctx.score(scores, "before_finetune", state, gkq.dequantize(out.quantized))
@@ -76,6 +84,7 @@ def equal_bytes(ctx: pipeline.Context, state, results: dict) -> dict:
           "method": name, "bits": int(bits), "budget_bytes": budget,
           "bytes": int(sum(c.bytes for c in out.choices)),
           "distortion": grad_sq_distortion(base, out.quantized, importances["grad_sq"]),
+          "damped_distortion": grad_sq_distortion(base, out.quantized, damped_grad_sq),
           "settings": [f"{c.method} {c.setting:.4g} ({c.num_clusters})" for c in out.choices],
           "before_finetune": before, "after_finetune": after,
           **{f"validation_{k}": v for k, v in scores.get("validation_accuracy", {}).items()}})

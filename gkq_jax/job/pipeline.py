@@ -145,6 +145,7 @@ def check_config(config) -> None:
     gkq.cubic_sparsity(1, p.sparsity, int(p.rounds))  # raises on a sparsity outside [0, 1)
     if p.scope not in gkq.prune.PRUNE_SCOPES:
       raise ValueError(f"prune.scope={p.scope!r} is not one of {gkq.prune.PRUNE_SCOPES}.")
+  gkq.damp_importance({}, q.damping)  # raises on a negative damping
   if q.budget_bytes < 0:
     raise ValueError(f"quantize.budget_bytes must be >= 0 (0: no budget), got {q.budget_bytes}.")
   bad = [m for m in q.budget_methods if m not in gkq.allocation.METHODS]
@@ -172,7 +173,8 @@ def prune_masks(ctx: Context, state, selected, amount: float):
   cfg = ctx.config.prune
   if cfg.method == "magnitude":
     return gkq.magnitude_masks(state.params, selected, amount)
-  importance = importance_of(ctx, state, ctx.config.quantize.importance)
+  importance = gkq.damp_importance(importance_of(ctx, state, ctx.config.quantize.importance),
+                                   ctx.config.quantize.damping)
   return gkq.saliency_masks(state.params, importance, selected, amount, cfg.scope)
 
 
@@ -214,7 +216,8 @@ def budget_quantize(ctx: Context, state, rules, masks, importance, results=None)
     result = gkq.quantize_to_budget(
         state.params, importance, rules, leaf_budget, methods=tuple(q.budget_methods),
         allocation=q.allocation, masks=masks, pin_zero=q.pin_zero,
-        clusters=tuple(q.budget_clusters), key=jax.random.PRNGKey(ctx.config.seed),
+        clusters=tuple(q.budget_clusters), points=int(q.budget_points),
+        key=jax.random.PRNGKey(ctx.config.seed),
         method=q.method, init=q.init, objective=q.objective)
     total, _ = file_bytes(result.quantized)
     if total <= target:
@@ -233,7 +236,7 @@ def budget_quantize(ctx: Context, state, rules, masks, importance, results=None)
 
 def quantize_stage(ctx: Context, state, rules, masks, results=None):
   q = ctx.config.quantize
-  imp = importance_of(ctx, state, q.importance)
+  imp = gkq.damp_importance(importance_of(ctx, state, q.importance), q.damping)
   if q.budget_bytes:
     return budget_quantize(ctx, state, rules, masks, imp, results)
   return dkm_stage.quantize(state.params, imp, rules, q.granularity, masks=masks,

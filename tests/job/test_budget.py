@@ -19,6 +19,8 @@ def _config(**overrides):
   c.prune.rounds = 2
   c.quantize.budget_bytes = BUDGET
   c.quantize.budget_clusters = (4, 8)
+  c.quantize.budget_points = 4
+  c.quantize.damping = 1.0
   for key, value in overrides.items():
     section, name = key.split("__")
     setattr(getattr(c, section), name, value)
@@ -51,13 +53,12 @@ def test_equal_bytes_mode_keeps_every_method_within_the_budget(budget_run, tmp_p
   c.init_checkpoint = str(workdir / "checkpoints" / "baseline")
   rows = run_lib.run(c, tmp_path)["equal_bytes"]
   assert [r["method"] for r in rows] == ["kmeans", "gkq grad_sq", "ecsq grad_sq",
-                                         "uniform + huffman", "optimal allocation"]
+                                         "ecsq grad_sq damped 1", "uniform + huffman",
+                                         "optimal allocation damped 1"]
   for r in rows:
     assert 0.9 * r["budget_bytes"] <= r["bytes"] <= r["budget_bytes"], r
-  # The allocation minimises exactly this g^2-weighted distortion over candidates
-  # that include gkq's and ECSQ's one-setting-for-all choices.
-  best = min(r["distortion"] for r in rows if r["method"] in ("gkq grad_sq", "ecsq grad_sq"))
-  assert rows[-1]["distortion"] <= best * (1 + 1e-6)
+  # The damped allocation's candidates include damped ECSQ's one price for all.
+  assert rows[-1]["damped_distortion"] <= rows[3]["damped_distortion"] * (1 + 1e-6)
   assert (tmp_path / "equal_bytes.md").exists()
 
 
@@ -66,6 +67,7 @@ def test_equal_bytes_mode_keeps_every_method_within_the_budget(budget_run, tmp_p
     (dict(prune__method="random"), "prune.method"),
     (dict(quantize__budget_bytes=-1), "budget_bytes must be >= 0"),
     (dict(quantize__budget_methods=("kmeans", "magic")), "budget_methods"),
+    (dict(quantize__damping=-1.0), "damping must be"),
 ])
 def test_bad_settings_fail_before_training(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):

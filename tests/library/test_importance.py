@@ -26,3 +26,12 @@ def test_importance_kinds_match_manual_gradients():
     gkq.compute_importance(loss_fn, params, [], "abs_grad")
   with pytest.raises(ValueError, match="not one of"):
     gkq.compute_importance(loss_fn, params, batches, "hessian")
+
+def test_damp_importance_adds_a_floor_of_the_leaf_mean():
+  imp = {"w": jnp.array([0.0, 1.0, 5.0]), "skip": None}
+  damped = gkq.damp_importance(imp, 0.5)
+  np.testing.assert_allclose(np.asarray(damped["w"]), [1.0, 2.0, 6.0])
+  assert damped["skip"] is None
+  for bad in (-0.1, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match="damping must be"):
+      gkq.damp_importance(imp, bad)
