@@ -30,6 +30,7 @@ whose shapes do not fit the model fails in flax's own shape check.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import threading
 import warnings
@@ -60,8 +61,11 @@ def _inputs() -> list:
 
 
 def _first_array(tree):
+  """The first non-empty real or integer array among a call's arguments (None if none)."""
   for leaf in jax.tree.leaves(tree):
-    if isinstance(leaf, jax.Array) and leaf.size:
+    if (isinstance(leaf, jax.Array) and leaf.size
+        and (jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.floating)
+             or leaf.dtype == jnp.bool_)):
       return leaf
   return None
 
@@ -111,6 +115,9 @@ class PackedParam(flax.struct.PyTreeNode, meta.AxisMetadata):
     w = self.array
     stack = _inputs()
     if stack:
+      # Tied to the input of the layer being called, this dense copy cannot be made before
+      # that layer runs, so copies do not pile up. (The codebook suffices: XLA fuses the
+      # unpacking into the gather that reads it.)
       w = w.replace(codebook=_after(w.codebook, stack[-1]))
     return w.dequantize()
 
@@ -141,10 +148,7 @@ class PackedParam(flax.struct.PyTreeNode, meta.AxisMetadata):
 
   @property
   def size(self) -> int:
-    n = 1
-    for d in self.array.shape:
-      n *= d
-    return n
+    return math.prod(self.array.shape)
 
   def _fallback(self, how: str) -> jax.Array:
     warnings.warn(f"gkq_jax: {self.name or 'a packed weight'} is read as {how}, which does "
@@ -225,20 +229,26 @@ def _check_kernel(kernel: str) -> str:
 
 # ------------------------------------------------------------ the LUT route
 
+def _compute_dtype(x, box, bias, dtype):
+  """The dtype a Dense layer computes in (flax's promote_dtype rule)."""
+  return jnp.dtype(dtype or jnp.result_type(x, box.dtype, *([] if bias is None else [bias])))
+
+
 def _lut_dense(x, box, bias, dtype):
   """What a Dense layer computes, with the kernel in the lookup-table matmul."""
-  dtype = dtype or jnp.result_type(x, box.dtype, *([] if bias is None else [bias]))
   y = lut_lib.lut_matmul(jnp.asarray(x, dtype), box.array)
   if bias is not None:
     y = y + jnp.asarray(bias, dtype)
   return y
 
 
-def _lut_reason(box, custom: str | None) -> str | None:
+def _lut_reason(box, custom: str | None, dtype=None) -> str | None:
   if not isinstance(box, PackedParam):
     return "its kernel is not packed"
   if custom:
     return custom
+  if dtype is not None and dtype not in (jnp.bfloat16, jnp.float32):
+    return f"it computes in {dtype}; the kernel takes bfloat16 or float32"
   return lut_lib.lut_unsupported(box.array)
 
 
@@ -257,15 +267,16 @@ def _linen_lut(module: nn.Module, args, kwargs):
     custom = "it sets its own dot_general"
   elif module.promote_dtype is not nn.dtypes.promote_dtype:
     custom = "it sets its own promote_dtype"
-  reason = _lut_reason(box, custom)
+  bias = module.get_variable("params", "bias") if module.use_bias else None
+  if isinstance(bias, PackedParam):
+    bias = bias.dequantize()
+  dtype = _compute_dtype(args[0], box, bias, module.dtype) if isinstance(box, PackedParam) else None
+  reason = _lut_reason(box, custom, dtype)
   if reason:
     if isinstance(box, PackedParam):
       _warn_fallback(box.name, reason)
     return None
-  bias = module.get_variable("params", "bias") if module.use_bias else None
-  if isinstance(bias, PackedParam):
-    bias = bias.dequantize()
-  return _lut_dense(args[0], box, bias, module.dtype)
+  return _lut_dense(args[0], box, bias, dtype)
 
 
 def _nnx_lut(module: nnx.Module, args, kwargs):
@@ -277,13 +288,14 @@ def _nnx_lut(module: nnx.Module, args, kwargs):
     custom = "it sets its own dot_general"
   elif module.preferred_element_type is not None:
     custom = "it sets preferred_element_type"
-  reason = _lut_reason(box, custom)
+  bias = module.bias[...] if module.bias is not None else None
+  dtype = _compute_dtype(args[0], box, bias, module.dtype) if isinstance(box, PackedParam) else None
+  reason = _lut_reason(box, custom, dtype)
   if reason:
     if isinstance(box, PackedParam):
       _warn_fallback(box.name, reason)
     return None
-  bias = module.bias[...] if module.bias is not None else None
-  return _lut_dense(args[0], box, bias, module.dtype)
+  return _lut_dense(args[0], box, bias, dtype)
 
 
 # ------------------------------------------------------------------ linen
