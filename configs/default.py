@@ -65,6 +65,7 @@ def get_config():
   # filters for "row" / "vector"), F refreshed every refresh_every steps.
   c.dkm = ml_collections.ConfigDict(dict(
       enabled=False, strength=0.01, refresh_every=100, epochs=2, learning_rate=1e-3,
+      strength_start=0.0,  # > 0: lambda ramps geometrically from this to `strength`
       form="indicator",  # or "spectral" (only while K < rank W)
       importance="none",  # "grad_sq" / "abs_grad": the importance-weighted variant
       on_degenerate="raise"))  # spectral at K >= rank: "raise" or "indicator" (warn, fall back)

@@ -14,7 +14,7 @@ from gkq_jax.ecsq import (EntropyClustering, ecsq_1d, ecsq_for_rate, ecsq_object
 from gkq_jax.encode import CorruptFileError, load, save
 from gkq_jax.dkm import (KMeansRegularizerState, add_kmeans_regularizer, kmeans_regularizer,
                          kmeans_regularizer_grad, kmeans_regularizer_init, merge_states,
-                         refresh_kmeans_regularizer)
+                         refresh_kmeans_regularizer, strength_ramp)
 from gkq_jax.energy import EnergyCosts, EnergyEstimate, estimate_energy
 from gkq_jax.exact1d import optimal_centroids
 from gkq_jax.flax_runtime import apply_packed, merge_packed
@@ -55,7 +55,7 @@ __all__ = [
     "damp_importance",
     "KMeansRegularizerState", "add_kmeans_regularizer", "kmeans_regularizer",
     "kmeans_regularizer_grad", "kmeans_regularizer_init", "merge_states",
-    "refresh_kmeans_regularizer",
+    "refresh_kmeans_regularizer", "strength_ramp",
     "PackedArray", "is_packed", "pack", "pack_indices", "pack_tree", "unpack", "unpack_indices",
     "unpack_tree", "apply_packed", "merge_packed", "lut_matmul", "lut_matmul_reference",
     "lut_unsupported", "cluster_per_channel", "stream_per_channel",

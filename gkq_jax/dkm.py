@@ -310,20 +310,41 @@ class KMeansRegularizerOptState(NamedTuple):
   regularizer: KMeansRegularizerState
 
 
-def add_kmeans_regularizer(state: KMeansRegularizerState, strength: float,
+def strength_ramp(start: float, end: float, steps: int) -> optax.Schedule:
+  """Geometric ramp of the strength from ``start`` to ``end`` over ``steps`` steps.
+
+  A constant small strength leaves every weight at w = c - g / strength (the
+  task gradient g holds it off its centre), and snapping it to c then costs
+  about g^2 / strength of loss per weight; raising the strength as training
+  goes lets the network adapt while its weights close onto the centres.
+  """
+  check_strength(start)
+  check_strength(end)
+  if start <= 0 or end <= 0:
+    raise ValueError(f"strength_ramp needs start and end > 0 (geometric), got {start}, {end}.")
+  if steps < 1:
+    raise ValueError(f"strength_ramp: steps must be >= 1, got {steps}.")
+  rate = math.log(end / start)
+  return lambda count: start * jnp.exp(rate * jnp.minimum(count, steps) / steps)
+
+
+def add_kmeans_regularizer(state: KMeansRegularizerState, strength: float | optax.Schedule,
                            refresh_every: int, lloyd_steps: int = 5
                            ) -> optax.GradientTransformation:
   """An optax transformation that adds the regulariser's gradient to the updates
   and refreshes F every ``refresh_every`` steps from the params it is given.
 
-  Put it first, like ``optax.add_decayed_weights``::
+  ``strength`` is lambda, or a schedule of it (a function of the step, e.g.
+  :func:`strength_ramp`). Put it first, like ``optax.add_decayed_weights``::
 
     tx = optax.chain(add_kmeans_regularizer(state, 1e-2, refresh_every=100), optax.adam(1e-3))
 
   F lives in the optimiser state, so a checkpoint of it resumes with the same F.
   """
-  check_strength(strength)
+  if not callable(strength):
+    check_strength(strength)
   check_refresh_every(refresh_every)
+  strength_at = strength if callable(strength) else (lambda count: strength)
 
   def init_fn(params):
     _selected(params, state)
@@ -337,7 +358,7 @@ def add_kmeans_regularizer(state: KMeansRegularizerState, strength: float,
     due = jnp.logical_and(count > 0, count % refresh_every == 0)
     reg = jax.lax.cond(due, lambda r: refresh_kmeans_regularizer(params, r, lloyd_steps),
                        lambda r: r, reg)
-    grads = kmeans_regularizer_grad(params, reg, strength)
+    grads = kmeans_regularizer_grad(params, reg, strength_at(count))
     updates = jax.tree.map(lambda u, g: u + g.astype(u.dtype), updates, grads)
     return updates, KMeansRegularizerOptState(count + 1, reg)
 

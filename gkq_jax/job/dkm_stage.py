@@ -36,6 +36,10 @@ def check_config(config) -> None:
   if not isinstance(d.strength, (int, float)) or not math.isfinite(d.strength) or d.strength < 0:
     raise ValueError(f"dkm.strength (the regulariser's lambda) must be a number >= 0, got "
                      f"{d.strength!r}.")
+  if not isinstance(d.strength_start, (int, float)) or d.strength_start < 0 or (
+      d.strength_start and not d.strength):
+    raise ValueError(f"dkm.strength_start (first lambda of a geometric ramp to dkm.strength; "
+                     f"0: no ramp) must be >= 0 with dkm.strength > 0, got {d.strength_start!r}.")
   if not isinstance(d.refresh_every, int) or d.refresh_every < 1:
     raise ValueError(f"dkm.refresh_every (T, steps between refreshes of F) must be an integer "
                      f">= 1, got {d.refresh_every!r}.")
@@ -107,7 +111,11 @@ def run(ctx, state, rules, masks, importance_of):
   cfg = config.dkm
   imp = None if cfg.importance == "none" else importance_of(ctx, state, cfg.importance)
   reg = regularizer(state.params, rules, config.quantize.granularity, imp, cfg, config.seed)
-  tx = optax.chain(gkq.add_kmeans_regularizer(reg, float(cfg.strength), int(cfg.refresh_every)),
+  strength = float(cfg.strength)
+  if cfg.strength_start:  # geometric ramp from strength_start to strength over the stage
+    strength = gkq.strength_ramp(float(cfg.strength_start), strength,
+                                 cfg.epochs * ctx.steps_per_epoch)
+  tx = optax.chain(gkq.add_kmeans_regularizer(reg, strength, int(cfg.refresh_every)),
                    ctx.optimizer(cfg.epochs, cfg.learning_rate))
   if masks is not None:
     tx = gkq.keep_pruned(tx, masks)

@@ -165,3 +165,21 @@ def test_retraining_with_the_regulariser_gathers_weights(params):
   before = float(gkq.kmeans_regularizer(params, state, 1.0))
   after = float(gkq.kmeans_regularizer(p, opt_state[0].regularizer, 1.0))
   assert after < 0.05 * before  # (1 - 0.2)^20 ~ 0.01 of the within-cluster spread is left
+
+
+def test_strength_ramp_schedule(params):
+  ramp = gkq.strength_ramp(0.1, 10.0, 4)
+  np.testing.assert_allclose([float(ramp(c)) for c in (0, 2, 4, 9)], [0.1, 1.0, 10.0, 10.0],
+                             rtol=1e-5)
+  state = gkq.kmeans_regularizer_init(params, RULES)
+  tx = gkq.add_kmeans_regularizer(state, ramp, refresh_every=100)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  opt_state = tx.init(params)
+  first, opt_state = tx.update(zeros, opt_state, params)
+  for _ in range(3):
+    _, opt_state = tx.update(zeros, opt_state, params)
+  fourth, _ = tx.update(zeros, opt_state, params)  # count 4: the end of the ramp
+  np.testing.assert_allclose(np.asarray(fourth["dense"]["kernel"]),
+                             100 * np.asarray(first["dense"]["kernel"]), rtol=1e-4)
+  with pytest.raises(ValueError, match="start and end > 0"):
+    gkq.strength_ramp(0.0, 1.0, 10)
