@@ -358,6 +358,30 @@ def _owns_packed(module: nnx.Module) -> bool:
              for v in vars(module).values())
 
 
+def _expected_kernel_shape(module: nnx.Module):
+  """The kernel shape a flax layer was built for (None for modules that do not say)."""
+  if getattr(module, "kernel_shape", None) is not None:
+    return tuple(module.kernel_shape)
+  if hasattr(module, "in_features") and hasattr(module, "out_features"):
+    axes = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,)  # noqa: E731
+    batch = tuple(getattr(module, "batch_axis", {}).values())
+    return batch + axes(module.in_features) + axes(module.out_features)
+  return None
+
+
+def _check_kernel_shape(path, module: nnx.Module) -> None:
+  """nnx.merge does not compare shapes; a packed kernel from another model must not run."""
+  kernel = getattr(module, "kernel", None)
+  if not isinstance(kernel, nnx.Variable) or not isinstance(kernel.get_raw_value(), PackedParam):
+    return
+  expected, got = _expected_kernel_shape(module), kernel.get_raw_value().shape
+  if expected is not None and tuple(got) != expected:
+    name = "/".join(str(p) for p in path) or type(module).__name__
+    raise ValueError(f"{name}/kernel: the packed weight has shape {tuple(got)}, the "
+                     f"{type(module).__name__} expects {expected}; is this packed state from "
+                     "another model?")
+
+
 def merge_packed(graphdef, state: Any, *states: Any, kernel: str = "auto",
                  dense: Sequence[str] = ()) -> nnx.Module:
   """``nnx.merge(graphdef, state, *states)`` for a state with PackedArray leaves.
@@ -368,7 +392,8 @@ def merge_packed(graphdef, state: Any, *states: Any, kernel: str = "auto",
   """
   route = _check_kernel(kernel)
   model = nnx.merge(graphdef, *(_box(s, dense) for s in (state,) + states))
-  for _, module in nnx.iter_modules(model):
+  for path, module in nnx.iter_modules(model):
+    _check_kernel_shape(path, module)
     if _owns_packed(module) and not hasattr(type(module), "_gkq_unwrapped"):
       object.__setattr__(module, "__class__", _intercepting(type(module), route))
   return model

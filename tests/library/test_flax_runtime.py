@@ -200,6 +200,12 @@ def test_a_packed_tree_from_another_model_is_an_error():
     gkq.apply_packed(model, {"params": gkq.pack_tree(other)}, jnp.ones((1, 64)))
   with pytest.raises(ValueError, match="kernel='fast' is not one of"):
     gkq.apply_packed(model, variables, jnp.ones((1, 64)), kernel="fast")
+  # nnx.merge does not compare shapes: the layer's own shape does.
+  graphdef, _ = nnx_random(lambda rngs: nnx.Linear(64, 32, rngs=rngs))
+  _, state = nnx_random(lambda rngs: nnx.Linear(64, 16, rngs=rngs))
+  with pytest.raises(ValueError, match=r"kernel: the packed weight has shape \(64, 16\), the "
+                                       r"Linear expects \(64, 32\)"):
+    gkq.merge_packed(graphdef, gkq.pack_tree(cheap_quantize(state)))
 
 
 class LutNet(nn.Module):
