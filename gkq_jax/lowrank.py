@@ -56,7 +56,11 @@ def factorize(kernel, rank: int) -> tuple[jax.Array, jax.Array]:
   """(first, second): the best rank-``rank`` approximation of ``kernel`` in
   the Frobenius norm (Eckart-Young), split as U sqrt(S) and sqrt(S) V^T."""
   kernel = jnp.asarray(kernel)
-  rank = _check_rank(rank, kernel.shape)
+  return _factorize(kernel, _check_rank(rank, kernel.shape))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _factorize(kernel, rank: int):
   u, s, vt = jnp.linalg.svd(_as_matrix(kernel).astype(jnp.float32), full_matrices=False)
   root = jnp.sqrt(s[:rank])
   first = (u[:, :rank] * root).reshape(kernel.shape[:-1] + (rank,))
@@ -65,9 +69,9 @@ def factorize(kernel, rank: int) -> tuple[jax.Array, jax.Array]:
   return first.astype(kernel.dtype), second.astype(kernel.dtype)
 
 
+@jax.jit
 def reconstruct(first, second) -> jax.Array:
   """The kernel the two factors compose to (the shape of the original)."""
-  first, second = jnp.asarray(first), jnp.asarray(second)
   rank = first.shape[-1]
   return (first.reshape(-1, rank) @ second.reshape(rank, -1)).reshape(
       first.shape[:-1] + (second.shape[-1],))
@@ -75,15 +79,20 @@ def reconstruct(first, second) -> jax.Array:
 
 def singular_values(kernel) -> jax.Array:
   """Singular values of the kernel read as a ``(prod(shape[:-1]), shape[-1])`` matrix."""
-  return jnp.linalg.svd(_as_matrix(kernel).astype(jnp.float32), compute_uv=False)
+  return _singular_values(_as_matrix(kernel))
+
+
+@jax.jit
+def _singular_values(matrix):
+  return jnp.linalg.svd(matrix.astype(jnp.float32), compute_uv=False)
 
 
 def truncation_error(kernel, rank: int) -> jax.Array:
   """Frobenius norm of ``kernel - reconstruct(*factorize(kernel, rank))``:
   sqrt of the sum of the dropped squared singular values (Eckart-Young)."""
   rank = _check_rank(rank, jnp.shape(kernel))
-  s = singular_values(kernel)
-  return jnp.sqrt(jnp.sum(s[rank:] ** 2))
+  s = np.asarray(singular_values(kernel), np.float64)
+  return jnp.float32(np.sqrt(np.sum(s[rank:] ** 2)))
 
 
 def rank_for_ratio(shape, ratio: float) -> int:

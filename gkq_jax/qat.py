@@ -185,12 +185,18 @@ def uniform_codebooks(params: Any, bits: int, *, pattern: str = KERNELS, min_ndi
                       fold_scales: Mapping[str, Any] | None = None) -> Any:
   """``params`` with every selected leaf a ClusteredArray of its uniform levels."""
   _check_bits(bits)
-  folds = dict(fold_scales or {})
-  return _map_selected(lambda p, w: uniform_codebook(w, bits, per_channel=per_channel,
-                                                     fold_scale=folds.get(p)),
-                       params, pattern, min_ndim)
+
+  def build(params, folds):
+    return _map_selected(lambda p, w: uniform_codebook(w, bits, per_channel=per_channel,
+                                                       fold_scale=folds.get(p)),
+                         params, pattern, min_ndim)
+
+  # One compiled call for the whole tree, not one per operation and shape.
+  return jax.jit(build)(params, dict(fold_scales or {}))
 
 
 def binary_codebooks(params: Any, *, pattern: str = KERNELS, min_ndim: int = 2) -> Any:
   """``params`` with every selected leaf a ClusteredArray of ``[-scale, +scale]``."""
-  return _map_selected(lambda p, w: binary_codebook(w), params, pattern, min_ndim)
+  build = lambda params: _map_selected(lambda p, w: binary_codebook(w), params, pattern,
+                                       min_ndim)
+  return jax.jit(build)(params)

@@ -68,7 +68,7 @@ def latencies(forwards: dict[str, tuple[Callable, Any]], sample_shape, batch_siz
     raise ValueError(f"survey.latency_repeats must be >= 1, got {repeats}.")
   out = {name: {} for name in forwards}
   for batch in batch_sizes:
-    x = jax.random.normal(jax.random.PRNGKey(seed), (batch,) + tuple(sample_shape))
+    x = np.random.default_rng(seed).standard_normal((batch,) + tuple(sample_shape), np.float32)
     for fn, variables in forwards.values():
       for _ in range(warmup):
         jax.block_until_ready(fn(variables, x))

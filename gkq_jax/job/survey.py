@@ -278,7 +278,7 @@ class Survey:
     q = gkq.quantize(variables["params"], importance, rules, granularity=qcfg.granularity,
                      key=jax.random.PRNGKey(self.ctx.config.seed), method=qcfg.method,
                      init=qcfg.init, objective=qcfg.objective)
-    start = dict(variables, params=gkq.dequantize(q))
+    start = dict(variables, params=_dense(q))
     epochs = int(self.cfg.epochs)
     reduce = self.ctx.config.finetune.reduce
     state, info = self.tune(name, model, start, epochs=epochs, tx_for=lambda lr: optax.chain(
@@ -493,7 +493,7 @@ class Survey:
     outcome = self.outcome(name)
     file = self.dir / f"{_file_name(name)}.gkq"
     nbytes, sizes = gkq.save(file, outcome.stored)
-    decoded = gkq.dequantize(gkq.load(file))
+    decoded = _dense(gkq.load(file))
     state = self._state(outcome.model, decoded, optax.identity())
     dense = self._variables(state)
     row = {"method": name,
@@ -518,7 +518,7 @@ class Survey:
       file = self.dir / f"{_file_name(name)}.gkq"
       stored = gkq.load(file)
       model = self.model.clone(**{k: _tuples(v) for k, v in row["architecture"].items()})
-      forwards[name] = (measure.forward(model), gkq.dequantize(stored))
+      forwards[name] = (measure.forward(model), _dense(stored))
       row["energy"] = measure.energy(model, stored, sample, row["leaf_bytes"])
     batches = tuple(int(b) for b in self.cfg.latency_batches)
     times = measure.latencies(forwards, sample, batches, int(self.cfg.latency_repeats))
@@ -545,6 +545,12 @@ def _sparse_residuals_as_codebooks(params):
                               pinned_zero=True)
 
   return jax.tree_util.tree_map_with_path(convert, params)
+
+
+def _dense(tree):
+  """The tree with clustered leaves dequantized, in one compiled call (eager
+  dequantization compiles every operation for every shape)."""
+  return jax.jit(gkq.dequantize)(tree)
 
 
 def _file_name(method: str) -> str:

@@ -16,8 +16,7 @@ from gkq_jax.job import measure, models
 from gkq_jax.job import run as run_lib
 from gkq_jax.job import survey as survey_lib
 
-MLP_METHODS = ("baseline", "prune_datafree", "qat_2bit", "binary", "distill",
-               "lowrank+gkq_2bit")
+MLP_METHODS = ("baseline", "prune_datafree", "binary", "distill", "lowrank+gkq_2bit")
 
 
 def mlp_survey_config(**survey):
@@ -38,7 +37,7 @@ def mlp_survey_config(**survey):
 
 @pytest.fixture(scope="module")
 def killed_then_resumed(tmp_path_factory):
-  """A survey killed in its fourth method, then rerun: (workdir, results, calls)."""
+  """A survey killed in its third method, then rerun: (workdir, results, calls, rows)."""
   workdir = tmp_path_factory.mktemp("survey")
   calls, real = [], survey_lib.Survey.run_method
 
@@ -75,9 +74,9 @@ def test_survey_rows_files_and_plots(killed_then_resumed):
   pruned = rows["prune_datafree"]
   assert pruned["architecture"] == {"hidden": [24, 12]}
   assert pruned["macs"] == 64 * 24 + 24 * 12 + 12 * 10
-  # Quantized rows: same model, far fewer bytes; a student is smaller.
-  assert rows["qat_2bit"]["file_bytes"] < base["file_bytes"] / 5
-  assert rows["binary"]["file_bytes"] < rows["qat_2bit"]["file_bytes"]
+  # A binary model: same MACs, far fewer bytes; a student is smaller.
+  assert rows["binary"]["file_bytes"] < base["file_bytes"] / 10
+  assert rows["binary"]["macs"] == base["macs"]
   assert rows["distill"]["parameters"] < base["parameters"] / 3
   combo = rows["lowrank+gkq_2bit"]
   assert combo["architecture"]["ranks"][0][0] == "Dense_0"
@@ -92,11 +91,11 @@ def test_survey_rows_files_and_plots(killed_then_resumed):
 
 def test_killed_survey_resumes_without_redoing_finished_methods(killed_then_resumed):
   _, results, calls, first_rows = killed_then_resumed
-  # Killed in "binary": the three methods before it ran once and were read back after.
+  # Killed in "binary": the two methods before it ran once and were read back after.
   # (The combination asks for its base, lowrank, itself.)
-  assert calls == ["baseline", "prune_datafree", "qat_2bit", "binary", "binary", "distill",
+  assert calls == ["baseline", "prune_datafree", "binary", "binary", "distill",
                    "lowrank+gkq_2bit", "lowrank"]
-  assert set(first_rows) == {"baseline", "prune_datafree", "qat_2bit"}
+  assert set(first_rows) == {"baseline", "prune_datafree"}
   for r in results["survey"]:
     if r["method"] in first_rows:
       assert r["test_accuracy"] == first_rows[r["method"]]["test_accuracy"]
@@ -104,14 +103,21 @@ def test_killed_survey_resumes_without_redoing_finished_methods(killed_then_resu
 
 def test_stored_files_decode_to_quantized_values(killed_then_resumed):
   workdir, _, _, _ = killed_then_resumed
-  qat = gkq.load(workdir / "survey" / "qat_2bit.gkq")["params"]
-  for path, leaf in gkq.clustered_leaves(qat):
-    values = np.asarray(leaf.dequantize())
-    assert max(len(np.unique(values[..., c])) for c in range(values.shape[-1])) <= 4, path
   binary = gkq.load(workdir / "survey" / "binary.gkq")["params"]
   for path, leaf in gkq.clustered_leaves(binary):
     values = np.unique(np.asarray(leaf.dequantize()))
     assert len(values) == 2 and values[0] == -values[1], path
+
+
+def random_variables(model, x):
+  """Random variables of the model's shapes, without compiling its init (slow for a ResNet);
+  BatchNorm variances positive, residual branches non-zero."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  rng = np.random.default_rng(2)  # numpy: jax.random would compile a kernel per shape
+  variables = jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape, np.float32), shapes)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, v: np.abs(v) + 0.5 if gkq.path_string(p).endswith(("var", "scale")) else v,
+      variables)
 
 
 def _zero_removed(variables, group, removed):
@@ -132,13 +138,8 @@ def _zero_removed(variables, group, removed):
     (models.ResNetTiny(), (2, 4, 4, 3)),
 ])
 def test_filter_pruning_equals_zeroed_channels_with_smaller_arrays(model, shape):
-  x = jax.random.normal(jax.random.PRNGKey(1), shape)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-  if "batch_stats" in variables:  # non-trivial statistics, and residual branches that matter
-    variables["batch_stats"] = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
-    variables["params"] = jax.tree_util.tree_map_with_path(
-        lambda p, v: v + 1.0 if gkq.path_string(p).endswith("scale") else v,
-        variables["params"])
+  x = np.random.default_rng(1).standard_normal(shape, np.float32)
+  variables = random_variables(model, x)
   zeroed, pruned, narrow = variables, variables, model
   for group, kind, narrower in survey_lib.channel_groups(model):
     n = gkq.num_channels(variables, group)
@@ -159,10 +160,8 @@ def test_filter_pruning_equals_zeroed_channels_with_smaller_arrays(model, shape)
 
 def test_block_removal_keeps_shapes_consistent():
   model = models.ResNetTiny().clone(stage_sizes=(2, 1))
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 3))
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-  variables["params"] = jax.tree_util.tree_map_with_path(  # residual branches that matter
-      lambda p, v: v + 1.0 if gkq.path_string(p).endswith("scale") else v, variables["params"])
+  x = np.random.default_rng(1).standard_normal((2, 4, 4, 3), np.float32)
+  variables = random_variables(model, x)
   assert survey_lib.removable_blocks(model) == [0, 1]
   shorter = model.clone(removed_blocks=(0, 1))
   kept = gkq.remove_layers(variables, ["BasicBlock_0", "BasicBlock_1"])
@@ -170,14 +169,28 @@ def test_block_removal_keeps_shapes_consistent():
   assert shapes(kept) == shapes(jax.eval_shape(shorter.init, jax.random.PRNGKey(0), x))
   # A block whose residual branch outputs zero is an identity: removing it changes nothing.
   quiet = jax.tree.map(lambda a: a, variables)
-  quiet["params"]["BasicBlock_1"]["BatchNorm_1"]["scale"] *= 0
-  quiet["params"]["BasicBlock_1"]["BatchNorm_1"]["bias"] *= 0
+  norm = quiet["params"]["BasicBlock_1"]["BatchNorm_1"]
+  norm["scale"], norm["bias"] = norm["scale"] * 0, norm["bias"] * 0
   without = jax.jit(model.clone(removed_blocks=(1,)).apply)(
       gkq.remove_layers(variables, ["BasicBlock_1"]), x)
   np.testing.assert_allclose(without, jax.jit(model.apply)(quiet, x), rtol=1e-5, atol=1e-5)
   assert not np.allclose(without, jax.jit(model.apply)(variables, x), atol=1e-3)
   with pytest.raises(ValueError, match="only identity blocks"):
     jax.eval_shape(model.clone(removed_blocks=(2,)).init, jax.random.PRNGKey(0), x)
+
+
+def test_qat_folds_each_resnet_conv_with_its_batchnorm():
+  model = models.ResNetTiny()
+  variables = random_variables(model, np.zeros((1, 4, 4, 3), np.float32))
+  folds = survey_lib.fold_scales(model, variables)
+  # stem, two convs per block, and block 1's shortcut (block 0 keeps its width: no shortcut).
+  assert set(folds) == {"stem/kernel", "BasicBlock_0/Conv_0/kernel", "BasicBlock_0/Conv_1/kernel",
+                        "BasicBlock_1/Conv_0/kernel", "BasicBlock_1/Conv_1/kernel",
+                        "BasicBlock_1/shortcut/kernel"}
+  norm, stats = variables["params"]["BasicBlock_1"], variables["batch_stats"]["BasicBlock_1"]
+  np.testing.assert_allclose(folds["BasicBlock_1/shortcut/kernel"], norm["shortcut_norm"]["scale"]
+                             / np.sqrt(stats["shortcut_norm"]["var"] + 1e-5), rtol=1e-6)
+  assert survey_lib.fold_scales(models.MLP(), {"params": {}}) == {}
 
 
 def test_macs_counted_from_the_model_match_hand_counts():
@@ -205,7 +218,7 @@ def test_resnet_smoke_survey_with_block_removal(tmp_path):
   c = resnet_config.get_config("smoke")
   c.mode, c.validation_size, c.log_every = "survey", 200, 100
   c.num_epochs = 0  # compile time dominates: the ResNet path, not its training, is tested
-  c.survey.methods = ("baseline", "remove_blocks", "qat_4bit")
+  c.survey.methods = ("baseline", "remove_blocks")
   c.survey.epochs = 0
   c.survey.remove_blocks = 1
   c.survey.latency_batches = (1,)
@@ -215,7 +228,6 @@ def test_resnet_smoke_survey_with_block_removal(tmp_path):
   assert rows["remove_blocks"]["architecture"] == {"removed_blocks": [0]}
   assert rows["remove_blocks"]["parameters"] < rows["baseline"]["parameters"]
   assert set(rows["remove_blocks"]["info"]["validation_drop_per_block"]) == {"0"}
-  assert rows["qat_4bit"]["info"]["folded_batchnorm"]
   loaded = gkq.load(tmp_path / "survey" / "remove_blocks.gkq")
   assert "BasicBlock_0" not in loaded["params"] and "BasicBlock_0" not in loaded["batch_stats"]
 
