@@ -92,6 +92,7 @@ def get_config():
       student=ml_collections.ConfigDict(),  # distill: the student's model fields
       student_epochs=10,  # distill: the student trains from scratch
       distill_weight=1.0, distill_temperature=4.0,
+      qat_per_channel=True,  # qat_<b>bit: a scale per output channel (False: per tensor)
       latency_batches=(1, 256), latency_repeats=30))
   c.mlp = ml_collections.ConfigDict(dict(hidden=(300, 100), norm_every=0, dropout=0.5))
   c.wrn = ml_collections.ConfigDict(dict(depth=16, widen=4, dropout=0.3))  # model "wrn"

@@ -129,6 +129,9 @@ def uniform_codebook(w, bits: int, *, per_channel: bool = True,
   fold = _fold(w, fold_scale)
   codes, zero, step = _affine(w * fold, bits, per_channel)
   levels = jnp.arange(2 ** bits, dtype=w.dtype)
+  if not per_channel and fold_scale is None:  # one codebook for the tensor
+    book = ((levels - zero) * step / fold[0])[None, :]
+    return ClusteredArray(book, codes.astype(jnp.uint8 if bits <= 8 else jnp.uint16))
   channels = w.shape[-1]
   book = ((levels[None, :] - jnp.broadcast_to(zero, (channels,))[:, None])
           * jnp.broadcast_to(step, (channels,))[:, None] / fold[:, None])

@@ -413,11 +413,12 @@ class Survey:
   def qat(self, name, bits: int | None) -> Outcome:
     model = self.model
     binary = bits is None
+    per_channel = bool(self.cfg.qat_per_channel)
 
     def quantized(variables):
       if binary:
         return gkq.fake_binarize(variables["params"])
-      return gkq.fake_quantize(variables["params"], bits,
+      return gkq.fake_quantize(variables["params"], bits, per_channel=per_channel,
                                fold_scales=fold_scales(model, variables))
 
     def apply_fn(variables, x, **kw):
@@ -428,9 +429,10 @@ class Survey:
                             tx_for=self._finetune_tx(epochs), apply_fn=apply_fn)
     variables = self._variables(state)
     params = gkq.binary_codebooks(variables["params"]) if binary else gkq.uniform_codebooks(
-        variables["params"], bits, fold_scales=fold_scales(model, variables))
+        variables["params"], bits, per_channel=per_channel,
+        fold_scales=fold_scales(model, variables))
     return Outcome(model, dict(variables, params=params), {},
-                   {**info, "bits": 1 if binary else bits,
+                   {**info, "bits": 1 if binary else bits, "per_channel": per_channel,
                     "folded_batchnorm": bool(fold_scales(model, variables))})
 
   # -------------------------------------------------------------- driver

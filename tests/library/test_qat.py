@@ -26,6 +26,10 @@ def test_uniform_weights_take_at_most_2_to_the_bits_values_per_channel(bits):
   book = qat.uniform_codebook(W, bits)
   assert book.codebook.shape == (6, 2 ** bits)
   np.testing.assert_array_equal(np.asarray(book.dequantize()), q)  # what training saw is stored
+  tensor = qat.uniform_codebook(W, bits, per_channel=False)
+  assert tensor.codebook.shape == (1, 2 ** bits)
+  np.testing.assert_array_equal(np.asarray(tensor.dequantize()),
+                                np.asarray(qat.uniform_fake_quant(W, bits, per_channel=False)))
 
 
 def test_straight_through_gradients_and_binary_values():
