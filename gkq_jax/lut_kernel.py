@@ -1,9 +1,10 @@
 """Lookup-table matmul in Pallas: ``x @ W`` with W given as packed 1-4 bit indices and codebooks.
 
 The kernel reads W's packed bytes (``bits / 8`` bytes per weight) and its
-codebooks, and turns indices into values on chip: a tree of ``2**bits - 1``
-selects over the codebook entries of each output channel, one level per index
-bit, so no table sits in memory between the bytes and the dot. At batch 1 a
+codebooks, and turns indices into values on chip: by default a tree of
+``2**bits - 1`` selects over the codebook entries of each output channel, one
+level per index bit, so no dense weight ever sits in memory; ``lookup="gather"``
+instead loads each value from the tile's codebook (which stays in cache). At batch 1 a
 matmul is bound by the bytes it reads, which is where packed 4-bit weights
 (4x fewer bytes than bf16) gain; FLUTE and SqueezeLLM's kernels do the same.
 
@@ -38,6 +39,7 @@ from gkq_jax import packing
 _SLABS = 8
 _MIN_TILE = 16  # Triton's dot needs every dimension >= 16
 _TARGET_PROGRAMS = 256  # about two waves on a 132-SM GPU
+LOOKUPS = ("select", "gather")
 
 
 def lut_unsupported(w: packing.PackedArray) -> str | None:
@@ -101,10 +103,16 @@ def _select(entries, idx, bits: int):
   return jnp.broadcast_to(values[0], idx.shape)
 
 
-def _kernel(x_ref, w_ref, book_ref, out_ref, *, bits, word_bytes, block_words, chunks):
+def _kernel(x_ref, w_ref, book_ref, out_ref, *, bits, word_bytes, block_words, chunks, lookup):
   # x_ref (8, tm, words / splits); w_ref (word_bytes, words / splits, tn);
   # book_ref (k, tn); out_ref (tm, tn): this split's partial sum.
-  entries = [book_ref[c, :][None, :] for c in range(book_ref.shape[0])]
+  tn = out_ref.shape[-1]
+  if lookup == "select":
+    entries = [book_ref[c, :][None, :] for c in range(book_ref.shape[0])]
+    values = lambda idx: _select(entries, idx, bits)  # noqa: E731
+  else:  # one load per weight from the tile's codebook, which stays in cache
+    columns = lax.broadcasted_iota(jnp.int32, (block_words, tn), 1)
+    values = lambda idx: book_ref[(idx & (2 ** bits - 1)).astype(jnp.int32), columns]  # noqa: E731
 
   def chunk(c, acc):
     rows = pl.ds(pl.multiple_of(c * block_words, block_words), block_words)
@@ -112,7 +120,7 @@ def _kernel(x_ref, w_ref, book_ref, out_ref, *, bits, word_bytes, block_words, c
     for b in range(1, word_bytes):
       word = word | (w_ref[b, rows, :].astype(jnp.uint32) << (8 * b))
     for j in range(_SLABS):
-      w = _select(entries, word >> (bits * j), bits)
+      w = values(word >> (bits * j))
       acc = acc + jnp.dot(x_ref[j, :, rows], w, preferred_element_type=jnp.float32)
     return acc
 
@@ -120,8 +128,9 @@ def _kernel(x_ref, w_ref, book_ref, out_ref, *, bits, word_bytes, block_words, c
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "rows", "block_n", "block_words", "splits",
-                                             "interpret"))
-def _lut_matmul(x, codebook, packed, *, bits, rows, block_n, block_words, splits, interpret):
+                                             "lookup", "interpret"))
+def _lut_matmul(x, codebook, packed, *, bits, rows, block_n, block_words, splits, lookup,
+                interpret):
   m = x.shape[0]
   word_bytes, words, n = packed.shape
   tm = min(64, max(_MIN_TILE, pl.next_power_of_2(m)))
@@ -137,7 +146,7 @@ def _lut_matmul(x, codebook, packed, *, bits, rows, block_n, block_words, splits
   splits = splits or _auto_splits(chunks, programs)
   share = words // splits
   kernel = functools.partial(_kernel, bits=bits, word_bytes=word_bytes, block_words=block_words,
-                             chunks=share // block_words)
+                             chunks=share // block_words, lookup=lookup)
   partial = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((splits, m_pad, n), jnp.float32),
@@ -154,7 +163,7 @@ def _lut_matmul(x, codebook, packed, *, bits, rows, block_n, block_words, splits
 
 def lut_matmul(x, w: packing.PackedArray, *, interpret: bool | None = None,
                block_n: int | None = None, block_words: int | None = None,
-               splits: int | None = None) -> jax.Array:
+               splits: int | None = None, lookup: str = "select") -> jax.Array:
   """``x @ dequantize(w)`` read from ``w``'s packed bytes (float32 accumulation).
 
   Args:
@@ -167,6 +176,10 @@ def lut_matmul(x, w: packing.PackedArray, *, interpret: bool | None = None,
     block_words: words (8 rows each) per step of a program's loop (default 32 or 16).
     splits: programs sharing one output tile's K range (default: enough
       programs to fill a GPU at batch 1).
+    lookup: how indices become values: "select" (a tree of ``2**bits - 1``
+      selects over the tile's codebook entries, held in registers) or
+      "gather" (one load per weight from the tile's codebook, which stays in
+      cache: fewer instructions, as FLUTE's shared-memory table).
 
   Raises:
     ValueError: for weights the kernel does not take (see :func:`lut_unsupported`);
@@ -183,6 +196,8 @@ def lut_matmul(x, w: packing.PackedArray, *, interpret: bool | None = None,
     raise ValueError(f"x has {x.shape[-1]} features, the weight {rows} input rows.")
   if x.dtype not in (jnp.bfloat16, jnp.float32):
     raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}.")
+  if lookup not in LOOKUPS:
+    raise ValueError(f"lookup={lookup!r} is not one of {LOOKUPS}.")
   words = w.packed.shape[1]
   block_n = block_n or _largest_tile(n, 128)
   block_words = block_words or _largest_tile(words, 32)
@@ -193,6 +208,6 @@ def lut_matmul(x, w: packing.PackedArray, *, interpret: bool | None = None,
     interpret = jax.default_backend() != "gpu"
   lead = x.shape[:-1]
   y = _lut_matmul(x.reshape(-1, rows), w.codebook, w.packed, bits=w.bits, rows=rows,
-                  block_n=block_n, block_words=block_words, splits=splits,
+                  block_n=block_n, block_words=block_words, splits=splits, lookup=lookup,
                   interpret=bool(interpret))
   return y.reshape(lead + (n,))

@@ -34,13 +34,14 @@ def test_kernel_equals_dequantize_then_dot(case):
                              rtol=1e-5, atol=1e-4)
 
 
-def test_kernel_with_bf16_inputs_split_k_leading_axes_and_one_bit():
+def test_gather_lookup_with_bf16_inputs_split_k_leading_axes_and_one_bit():
   rng = np.random.default_rng(0)
   w, dense = _weight(rng, 512, 32, 1, 32)
   x = rng.standard_normal((2, 3, 512)).astype(np.float32)
   xb = jnp.asarray(x, jnp.bfloat16)
   # 4 K-splits of 16 words: the partial sums of the splits are added after the call.
-  y = gkq.lut_matmul(xb, w, interpret=True, block_n=16, block_words=16, splits=4)
+  y = gkq.lut_matmul(xb, w, interpret=True, block_n=16, block_words=16, splits=4,
+                     lookup="gather")
   assert y.dtype == jnp.bfloat16 and y.shape == (2, 3, 32)
   ref = np.asarray(xb, np.float32) @ np.asarray(jnp.asarray(dense, jnp.bfloat16), np.float32)
   np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2, atol=0.3)
@@ -61,3 +62,5 @@ def test_unsupported_weights_are_clear_errors():
     gkq.lut_matmul(np.ones((1, 128), np.int32), ok)
   with pytest.raises(ValueError, match="block_n=24 must divide 16"):
     gkq.lut_matmul(np.ones((1, 128), np.float32), ok, block_n=24)
+  with pytest.raises(ValueError, match="lookup='table' is not one of"):
+    gkq.lut_matmul(np.ones((1, 128), np.float32), ok, lookup="table")
