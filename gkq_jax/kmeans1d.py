@@ -31,7 +31,9 @@ import numpy as np
 
 from gkq_jax import _histogram as hist_lib
 from gkq_jax import _inits
+from gkq_jax import _layout
 from gkq_jax import _lloyd
+from gkq_jax import _rows
 from gkq_jax import exact1d
 from gkq_jax._clustering import Clustering, check_finite, check_nonnegative, is_traced
 
@@ -45,38 +47,56 @@ MIN_BINS = 16
 
 @functools.partial(
     jax.jit,
-    static_argnames=("group_sizes", "K", "method", "init", "objective", "max_iter",
-                     "tol", "bins", "refine_iters", "exact_max_points"))
-def _grouped_kmeans(x, h, k_active, key, seg, sizes, *, group_sizes, K, method, init, objective,
-                    max_iter, tol, bins, refine_iters, exact_max_points):
-  G = len(group_sizes)
-  starts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sizes)[:-1]])
+    static_argnames=("plan", "K", "method", "init", "objective", "max_iter", "tol",
+                     "exact_bins", "refine_iters", "exact_max_points"))
+def _grouped_kmeans(x, h, k_active, key, arrays, tiny, *, plan, K, method, init, objective,
+                    max_iter, tol, exact_bins, refine_iters, exact_max_points):
+  lo, hi, mass = _rows.group_stats(plan, arrays, x, h)
   # A group whose importance is all zero is clustered with uniform weights.
-  mass = jax.ops.segment_sum(h, seg, G, indices_are_sorted=True)
-  h = jnp.where((mass > 0)[seg], h, 1.0)
-  frame, hist, xc = hist_lib.frame_and_histogram(x, h, seg, group_sizes, bins)
+  frame = hist_lib.Frame((lo + hi) / 2, (hi - lo) / 2, mass <= 0)
   active = jnp.arange(K)[None, :] < k_active[:, None]
 
   if method == "exact":
-    c = exact1d._optimal_centroids_callback(xc, h, sizes, k_active, K, objective,
-                                            bins, exact_max_points)
+    seg = jnp.repeat(jnp.arange(plan.num_groups), arrays.group_size,
+                     total_repeat_length=plan.num_values)
+    c = exact1d._optimal_centroids_callback(
+        x - frame.center[seg], jnp.where(frame.uniform[seg], 1.0, h), arrays.group_size,
+        k_active, K, objective, exact_bins, exact_max_points)
     c = jnp.where(active, c, jnp.inf)
   else:
     k_init, _ = jax.random.split(key)
-    inputs = _inits.InitInputs(hist, frame, xc, k_active, K, k_init, objective, starts, sizes)
+    hist = _rows.histogram(plan, arrays, frame, x, h)
+    inputs = _inits.InitInputs(hist, k_active, K, plan.max_bins, k_init, objective, x,
+                               arrays.group_start, arrays.group_size, frame.center)
     c = _inits.start(init, inputs, active)
     if method == "hist":
-      c = _lloyd.hist_lloyd(c, hist, objective, active, frame, max_iter, tol)
+      c = _lloyd.hist_lloyd(c, hist, objective, active, plan.max_bins, max_iter, tol)
+  c = _exact_small_groups(c, x, frame, arrays, tiny, active)
 
   lloyd_iters = max_iter if method == "lloyd" else refine_iters
   lloyd_tol = tol if method == "lloyd" else 0.0
-  c = _lloyd.data_lloyd(xc, h, c, frame, hist, objective, active, lloyd_iters, lloyd_tol)
-  a = _lloyd.assign_nearest(xc, c, frame, hist)
+  c = _lloyd.data_lloyd(plan, arrays, frame, x, h, c, objective, active, lloyd_iters, lloyd_tol)
+  a = _rows.assign(plan, arrays, frame, x, h, c)
   # Pad inactive slots with the largest active centroid: a group never holds
   # more distinct values than it asked for, and nothing is infinite.
   last = jnp.take_along_axis(c, jnp.maximum(k_active - 1, 0)[:, None], axis=1)
   c = jnp.where(active, c, last)
   return Clustering(c + frame.center[:, None], a)
+
+
+def _exact_small_groups(c, x, frame, arrays, tiny, active):
+  """Groups with at most as many values as clusters keep every value as its
+  own centroid (sorted; the spare slots repeat the largest)."""
+  if tiny.shape[0] == 0:
+    return c
+  K = c.shape[1]
+  size = arrays.group_size[tiny][:, None]
+  slot = jnp.arange(K)[None, :]
+  values = x[arrays.group_start[tiny][:, None] + jnp.minimum(slot, size - 1)]
+  values = jnp.sort(jnp.where(slot < size, values - frame.center[tiny][:, None], jnp.inf), axis=1)
+  largest = jnp.take_along_axis(values, size - 1, axis=1)
+  values = jnp.where(slot < size, values, largest)
+  return c.at[tiny].set(jnp.where(active[tiny], values, jnp.inf))
 
 
 def _check_options(method, init, objective, max_iter, tol):
@@ -185,18 +205,18 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
   if key is None:
     key = jax.random.PRNGKey(0)
   K = int(k.max())
-  if not bins:
-    bins = hist_lib.default_bins(values.shape[0], len(group_sizes), K)
-    if method == "exact":  # the host DP costs O(K bins log bins) per group
-      bins = min(bins, _EXACT_BINS)
-  bins = _round_bins(bins)
+  if bins is not None:
+    bins = _round_bins(bins)
+  # The exact method's host DP costs O(K bins log bins) per group.
+  exact_bins = min(bins or _layout.default_bins(max(group_sizes), K), _EXACT_BINS)
   with jax.ensure_compile_time_eval():  # cached layout arrays: never tracers of this call
-    seg = hist_lib.group_ids(group_sizes)
-  return _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key,
-                         seg, jnp.asarray(group_sizes, jnp.int32),
-                         group_sizes=group_sizes, K=K, method=method, init=init,
-                         objective=objective, max_iter=int(max_iter), tol=float(tol),
-                         bins=int(bins), refine_iters=int(refine_iters),
+    plan, arrays = _layout.make(group_sizes, K, bins)
+  small = np.flatnonzero(np.asarray(group_sizes) <= k)
+  return _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key, arrays,
+                         jnp.asarray(small, jnp.int32), plan=plan, K=K, method=method,
+                         init=init, objective=objective, max_iter=int(max_iter),
+                         tol=float(tol), exact_bins=int(exact_bins),
+                         refine_iters=int(refine_iters),
                          exact_max_points=int(exact_max_points))
 
 
