@@ -94,6 +94,15 @@ def companding(s: InitInputs):
   """
   M = min(s.max_bins, _COARSE_BINS)
   w, _, _ = hist_lib.resample(s.hist, M)
+  # A group with fewer than M bins spreads each of its own bins over M / bins
+  # coarse ones (resample would leave the others empty), so it starts where it
+  # would alone, on min(bins, M) coarse bins.
+  hist = s.hist
+  own = jnp.arange(M)[None, :] * hist.bins[:, None] // M
+  base = hist.base[:, None]
+  own_w = hist_lib.prefix(hist.cum_weight, base, own + 1) - hist_lib.prefix(
+      hist.cum_weight, base, own)
+  w = jnp.where((hist.bins < M)[:, None], jnp.maximum(own_w, 0.0), w)
   dens = w ** (1 / 3 if s.objective == "l2" else 1 / 2)
   width = 2 * s.hist.half_range / M
   return jax.vmap(_interpolated_quantiles, in_axes=(0, 0, 0, 0, None))(

@@ -258,3 +258,37 @@ def test_default_method_matches_flash1dkmeans(bell):
                          random_state=0)
   ours = gkq.kmeans_1d(x, h, 16)
   assert sse(x, h, ours.centroids, ours.assignments) <= 1.005 * sse(x, h, c, a)
+
+
+@pytest.fixture(scope="module")
+def mixed_groups():
+  """Groups of very different sizes: fewer values than clusters (3), all-zero
+  importance and no multiple of a row (50 values), large (2100)."""
+  rng = np.random.default_rng(0)
+  sizes = (3, 50, 2100)
+  x = np.concatenate([(i + 1) * rng.standard_normal(n) + i for i, n in enumerate(sizes)])
+  h = rng.random(x.size) ** 2
+  h[3:53] = 0.0
+  return x.astype(np.float32), h.astype(np.float32), sizes
+
+
+@pytest.mark.filterwarnings("ignore:.*all-zero importance")
+@pytest.mark.parametrize("method,init", [("hist", "dp"), ("hist", "companding"),
+                                         ("lloyd", "kmeans++")])
+def test_each_group_clusters_as_it_would_alone(mixed_groups, method, init):
+  x, h, sizes = mixed_groups
+  key = jax.random.PRNGKey(3)
+  out = gkq.grouped_kmeans_1d(x, h, sizes, 8, method=method, init=init, key=key)
+  start = 0
+  for g, n in enumerate(sizes):
+    part = slice(start, start + n)
+    alone = gkq.kmeans_1d(x[part], h[part], 8, method=method, init=init, key=key)
+    np.testing.assert_array_equal(np.asarray(out.centroids[g]), np.asarray(alone.centroids))
+    np.testing.assert_array_equal(np.asarray(out.assignments[part]),
+                                  np.asarray(alone.assignments))
+    start += n
+  # Fewer values than clusters: each value is its own centroid (to rounding;
+  # centroids are computed relative to the group's centre).
+  c, a = np.asarray(out.centroids[0]), np.asarray(out.assignments[:3])
+  np.testing.assert_allclose(c[a], x[:3], rtol=1e-6)
+  np.testing.assert_array_equal(c[3:], np.full(5, x[:3].max()))
