@@ -60,6 +60,7 @@ def get_config():
   c.quantize.budget_points = 12  # ECSQ prices per bit (and uniform widths) tried per layer
   # h + damping x mean(h) per layer for OBD and quantization (gkq.damp_importance): 0 = raw g^2
   c.quantize.damping = 0.0
+  c.quantize.cluster_biases = False  # biases clustered too (worth it when every byte counts)
   # Deep k-Means retraining before quantization (gkq_jax/dkm.py, job/dkm_stage.py): the k-means
   # regulariser lambda/2 ||W - W F F^T||^2 at the quantizer's K and granularity (conv rows /
   # filters for "row" / "vector"), F refreshed every refresh_every steps.
@@ -75,7 +76,10 @@ def get_config():
   c.sensitivity = ml_collections.ConfigDict(dict(bits=(1, 2, 4, 8)))
   c.compare = ml_collections.ConfigDict(dict(bits=(2, 3, 4), finetune_epochs=1))
   # equal_bytes mode: methods at the bytes of `bits`-bit fixed-width codebooks (job/equal_bytes.py)
-  c.equal_bytes = ml_collections.ConfigDict(dict(bits=(4, 3, 2), finetune_epochs=2))
+  c.equal_bytes = ml_collections.ConfigDict(dict(
+      bits=(4, 3, 2), finetune_epochs=2,
+      methods=("kmeans", "gkq grad_sq", "ecsq grad_sq", "ecsq grad_sq damped", "uniform + huffman",
+               "optimal allocation damped")))
   # survey mode (gkq_jax/job/survey.py): every method from one baseline, measured alike.
   c.survey = ml_collections.ConfigDict(dict(
       methods=("baseline", "gkq_4bit", "gkq_2bit", "lowrank", "prune_norm", "distill",
@@ -92,7 +96,6 @@ def get_config():
       student=ml_collections.ConfigDict(),  # distill: the student's model fields
       student_epochs=10,  # distill: the student trains from scratch
       distill_weight=1.0, distill_temperature=4.0,
-      qat_per_channel=True,  # qat_<b>bit: a scale per output channel (False: per tensor)
       latency_batches=(1, 256), latency_repeats=30))
   c.mlp = ml_collections.ConfigDict(dict(hidden=(300, 100), norm_every=0, dropout=0.5))
   c.wrn = ml_collections.ConfigDict(dict(depth=16, widen=4, dropout=0.3))  # model "wrn"

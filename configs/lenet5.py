@@ -17,7 +17,7 @@ def get_config(variant: str = ""):
   c.weight_decay = 1e-4
   c.image_size = 28  # LeNet-5's two valid 5x5 convs need MNIST-sized inputs
   if variant in ("fashion_mnist", "survey_fashion_mnist"):
-    c.dataset = "idx:../shared/datasets/fashion-mnist"
+    c.dataset = "tfds:fashion_mnist"
     c.num_epochs = 15
     c.batch_size = 128
   if variant == "survey_fashion_mnist":
@@ -36,7 +36,7 @@ def get_config(variant: str = ""):
   elif variant == "obd_fashion_mnist":
     # >= 40x: OBD pruning ranked over all layers, then a 42,000-byte file with each layer's
     # k-means K or ECSQ price chosen for the least g^2-weighted distortion.
-    c.dataset = "idx:../shared/datasets/fashion-mnist"
+    c.dataset = "tfds:fashion_mnist"
     c.num_epochs = 15
     c.batch_size = 128
     c.validation_size = 5000  # carved from the training set: every choice is made on it

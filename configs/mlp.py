@@ -12,7 +12,7 @@ from configs import default
 
 
 def _fashion_mnist_with_validation(c):
-  c.dataset = "idx:../shared/datasets/fashion-mnist"
+  c.dataset = "tfds:fashion_mnist"
   c.num_epochs = 20
   c.batch_size = 128
   c.validation_size = 5000  # carved from the training set: every choice is made on it
@@ -28,7 +28,7 @@ def get_config(variant: str = ""):
   c.weight_decay = 1e-4
   if variant in ("fashion_mnist", "dc_fashion_mnist", "compare_fashion_mnist",
                  "survey_fashion_mnist"):
-    c.dataset = "idx:../shared/datasets/fashion-mnist"
+    c.dataset = "tfds:fashion_mnist"
     c.num_epochs = 20
     c.batch_size = 128
   if variant == "dc_fashion_mnist":

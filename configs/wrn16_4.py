@@ -1,7 +1,8 @@
 """WRN-16-4 (dropout 0.3), Deep k-Means' CIFAR-10 model. Variants: ``:cifar10``, ``:smoke``.
 
 python main.py --config=configs/wrn16_4.py            # digits, offline, CPU
-python main.py --config=configs/wrn16_4.py:cifar10    # ../shared/datasets CIFAR-10 archive (GPU)
+python main.py --config=configs/wrn16_4.py:cifar10    # tfds:cifar10 (GPU); a local copy:
+    --config.dataset=folder:../shared/datasets/cifar10-jpg.tar.gz
 
 ``:cifar10`` is Deep k-Means' setting: train WRN-16-4, retrain with the k-means
 regulariser at the sharing's K, share the conv kernels' rows (vectors of 3)
@@ -33,7 +34,7 @@ def get_config(variant: str = ""):
   c.dkm.epochs = 2
   c.dkm.learning_rate = 0.01
   if variant == "cifar10":
-    c.dataset = "folder:../shared/datasets/cifar10-jpg.tar.gz"
+    c.dataset = "tfds:cifar10"
     c.validation_size = 5000  # lambda, T and epochs are chosen on this split
     c.num_epochs = 100
     c.batch_size = 128

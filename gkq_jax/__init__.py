@@ -6,12 +6,12 @@ in :mod:`gkq_jax.job` (``pip install 'gkq_jax[job]'``) and is never imported her
 
 from gkq_jax._clustering import Clustering
 from gkq_jax._paths import named_leaves, path_string
-from gkq_jax.allocation import BudgetResult, Choice, allocate, coded_bytes, quantize_to_budget
 from gkq_jax.channels import cluster_per_channel, stream_per_channel
+from gkq_jax.allocation import BudgetResult, Choice, allocate, coded_bytes, quantize_to_budget
 from gkq_jax.distill import distillation_loss, soft_targets
+from gkq_jax.encode import CorruptFileError, load, save
 from gkq_jax.ecsq import (EntropyClustering, ecsq_1d, ecsq_for_rate, ecsq_objective,
                           grouped_ecsq_1d, grouped_uniform_1d, uniform_for_rate)
-from gkq_jax.encode import CorruptFileError, load, save
 from gkq_jax.dkm import (KMeansRegularizerState, add_kmeans_regularizer, kmeans_regularizer,
                          kmeans_regularizer_grad, kmeans_regularizer_init, merge_states,
                          refresh_kmeans_regularizer, strength_ramp)
@@ -48,17 +48,6 @@ __all__ = [
     "dequantize", "is_clustered", "quantize", "DEFAULT_RULES", "ClusterRule", "bits_rule",
     "check_rules", "clusters_for", "selected_leaves", "refresh_codebooks", "share_centroids",
     "codebook_params", "replace_codebooks",
-    "EnergyCosts", "EnergyEstimate", "estimate_energy",
-    "BudgetResult", "Choice", "allocate", "coded_bytes", "quantize_to_budget",
-    "EntropyClustering", "ecsq_1d", "ecsq_for_rate", "ecsq_objective", "grouped_ecsq_1d",
-    "grouped_uniform_1d", "uniform_for_rate", "cubic_sparsity", "saliency_masks",
-    "damp_importance",
-    "KMeansRegularizerState", "add_kmeans_regularizer", "kmeans_regularizer",
-    "kmeans_regularizer_grad", "kmeans_regularizer_init", "merge_states",
-    "refresh_kmeans_regularizer", "strength_ramp",
-    "PackedArray", "is_packed", "pack", "pack_indices", "pack_tree", "unpack", "unpack_indices",
-    "unpack_tree", "apply_packed", "merge_packed", "lut_matmul", "lut_matmul_reference",
-    "lut_unsupported", "cluster_per_channel", "stream_per_channel",
     "distillation_loss", "soft_targets", "choose_ranks", "factorize", "factorize_layer",
     "factorize_params", "low_rank_sparse", "rank_for_energy", "rank_for_ratio", "reconstruct",
     "singular_values", "truncation_error", "batchnorm_scale", "binary_codebook",
@@ -66,4 +55,15 @@ __all__ = [
     "uniform_codebook", "uniform_codebooks", "uniform_fake_quant", "ChannelGroup",
     "filter_norms", "keep_channels", "keep_largest", "merge_similar_neurons", "num_channels",
     "remove_layers",
+    "EnergyCosts", "EnergyEstimate", "estimate_energy",
+    "KMeansRegularizerState", "add_kmeans_regularizer", "kmeans_regularizer",
+    "kmeans_regularizer_grad", "kmeans_regularizer_init", "merge_states",
+    "refresh_kmeans_regularizer", "strength_ramp",
+    "BudgetResult", "Choice", "allocate", "coded_bytes", "quantize_to_budget",
+    "EntropyClustering", "ecsq_1d", "ecsq_for_rate", "ecsq_objective", "grouped_ecsq_1d",
+    "grouped_uniform_1d", "uniform_for_rate", "cubic_sparsity", "saliency_masks",
+    "damp_importance",
+    "PackedArray", "is_packed", "pack", "pack_indices", "pack_tree", "unpack", "unpack_indices",
+    "unpack_tree", "apply_packed", "merge_packed", "lut_matmul", "lut_matmul_reference",
+    "lut_unsupported", "cluster_per_channel", "stream_per_channel",
 ]

@@ -88,6 +88,7 @@ def compute_importance(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
     raise ValueError("batches is empty: importance needs at least one batch.")
   return as_tree([t / count for t in total])
 
+
 def damp_importance(importance: Any, damping: float) -> Any:
   """``h + damping x mean(h)``, leaf by leaf (None leaves stay None).
 

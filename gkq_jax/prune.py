@@ -80,6 +80,7 @@ def sparsity(params: Any, selected: Any) -> float:
       zeros += int((w == 0).sum())
   return zeros / max(total, 1)
 
+
 # ------------------------------------------------------- Optimal Brain Damage
 
 PRUNE_SCOPES = ("layer", "global")

@@ -38,6 +38,7 @@ def numpy_weighted_lloyd(x, h, c, iters):
         c[k] = (h[m] * x[m]).sum() / h[m].sum()
   return np.sort(c)
 
+
 def numpy_ecsq(x, h, c, lam, iters, pinned_zero=False, pinned_count=0):
   """Chou, Lookabaugh & Gray's ECSQ iteration with a full N x K cost matrix:
   assignment by h (x - c)^2 + lam (-log2 p), then weighted means and shares.

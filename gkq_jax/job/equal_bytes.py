@@ -59,12 +59,16 @@ def equal_bytes(ctx: pipeline.Context, state, results: dict) -> dict:
   rules = pipeline.cluster_rules(config)
   base = state.params
   importances = {kind: pipeline.importance_of(ctx, state, kind)
-                 for kind in {m[0] for m in METHODS.values()}}
+                 for kind in {METHODS[m][0] for m in config.equal_bytes.methods} | {"grad_sq"}}
   damped_grad_sq = gkq.damp_importance(importances["grad_sq"], config.quantize.damping)
+  unknown = [m for m in config.equal_bytes.methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"equal_bytes.methods {unknown} are not among {tuple(METHODS)}.")
   rows = []
   for bits in config.equal_bytes.bits:
     budget = fixed_width_bytes(base, rules, int(bits))
-    for name, (kind, damped, families, allocation) in METHODS.items():
+    for name in config.equal_bytes.methods:
+      kind, damped, families, allocation = METHODS[name]
       imp = None if kind == "none" else importances[kind]
       if damped:
         imp = gkq.damp_importance(imp, config.quantize.damping)

@@ -97,6 +97,8 @@ def cluster_rules(config) -> list[gkq.ClusterRule]:
                        "'regex=kK', e.g. 'Dense_0/kernel$=6' or 'Conv_1/kernel$=k24'.")
     rules.append(gkq.bits_rule(pattern, int(bits)))
   rules.append(gkq.bits_rule(r"(^|/)kernel$", int(config.quantize.bits)))
+  if config.quantize.cluster_biases:  # 1-D: below the kernels' min_ndim, so a rule of its own
+    rules.append(gkq.ClusterRule(BIAS_PATTERN, 2 ** int(config.quantize.bits), min_ndim=1))
   return rules
 
 
@@ -131,6 +133,7 @@ def distillation_loss(state, teacher, weight: float, temperature: float = 4.0):
 
 
 PRUNE_METHODS = ("magnitude", "obd")
+BIAS_PATTERN = r"(^|/)bias$"  # quantize.cluster_biases: quantized, never pruned
 ALLOCATIONS = ("optimal", "same")
 
 
@@ -181,7 +184,7 @@ def prune_masks(ctx: Context, state, selected, amount: float):
 def prune_stage(ctx: Context, state, rules, teacher=None):
   """Iterative pruning with retraining; returns (state, masks)."""
   cfg = ctx.config.prune
-  selected = gkq.selected_leaves(state.params, rules)
+  selected = gkq.selected_leaves(state.params, [r for r in rules if r.pattern != BIAS_PATTERN])
   extra = distillation_loss(state, teacher, cfg.distill) if teacher else None
   masks = None
   for i, amount in enumerate(prune_amounts(cfg)):

@@ -338,29 +338,3 @@ def write_equal_bytes(workdir: pathlib.Path, rows: list[dict], results: dict) ->
     (workdir / "equal_bytes.md").write_text(text)
     (workdir / "equal_bytes.json").write_text(json.dumps(rows, indent=2))
   return text
-
-# -------------------------------------------------------------- equal bytes
-
-
-def write_equal_bytes(workdir: pathlib.Path, rows: list[dict], results: dict) -> str:
-  """equal_bytes.md (and .json); returns the markdown."""
-  validation = "validation_after_finetune" in rows[0]
-  head = "| method | bits | budget bytes | bytes | g^2-weighted distortion |"
-  head += (" validation before | after |" if validation else "") + " test before | after |"
-  lines = [head, "|" + "---|" * (head.count("|") - 1)]
-  for r in rows:
-    line = (f"| {r['method']} | {r['bits']} | {r['budget_bytes']:,} | {r['bytes']:,} | "
-            f"{r['distortion']:.4g} |")
-    if validation:
-      line += (f" {100 * r['validation_before_finetune']:.2f}% |"
-               f" {100 * r['validation_after_finetune']:.2f}% |")
-    lines.append(line + f" {100 * r['before_finetune']:.2f}% | {100 * r['after_finetune']:.2f}% |")
-  base = results["accuracy"]["baseline"]
-  text = f"baseline fp32: test {100 * base:.2f}%"
-  if "validation_accuracy" in results:
-    text += f", validation {100 * results['validation_accuracy']['baseline']:.2f}%"
-  text += "\n\n" + "\n".join(lines) + "\n"
-  if _is_writer():
-    (workdir / "equal_bytes.md").write_text(text)
-    (workdir / "equal_bytes.json").write_text(json.dumps(rows, indent=2))
-  return text

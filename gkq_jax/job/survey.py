@@ -21,7 +21,8 @@ restores) the baseline, then runs each of ``survey.methods``:
   ``distill``           a smaller student (``survey.student``: model fields)
                         trained from scratch on the teacher's soft targets
   ``qat_<b>bit``        uniform per-channel fake-quantized weights, STE, b bits
-                        (ResNets: BatchNorm folded), fine-tuned (Jacob et al.)
+                        (ResNets: BatchNorm folded), fine-tuned (Jacob et al.);
+                        ``qat_<b>bit_tensor``: one scale per tensor
   ``binary``            sign x per-layer scale, STE (Courbariaux et al.)
   ``<method>+gkq_<b>bit``  gkq applied to another method's result
 
@@ -59,7 +60,7 @@ from gkq_jax.job import train as train_lib
 FP32_BASES = ("baseline", "lowrank", "lowrank_sparse", "prune_norm", "prune_datafree",
               "remove_blocks", "distill")
 _GKQ = re.compile(r"^gkq_(\d+)bit$")
-_QAT = re.compile(r"^qat_(\d+)bit$")
+_QAT = re.compile(r"^qat_(\d+)bit(_tensor)?$")
 
 
 @dataclasses.dataclass
@@ -88,11 +89,12 @@ def parse_method(name: str) -> tuple[str, int | None, tuple[str, int] | None]:
       bits = int(m.group(1))
       if not 1 <= bits <= 16:
         raise ValueError(f"survey method {name!r}: bits must be in 1..16.")
-      return kind, bits, None
+      return kind + ("_tensor" if kind == "qat" and m.group(2) else ""), bits, None
   if name in FP32_BASES or name == "binary":
     return name, None, None
   raise ValueError(f"unknown survey method {name!r}; use baseline, gkq_<b>bit, qat_<b>bit, "
-                   f"binary, {', '.join(FP32_BASES[1:])} or '<method>+gkq_<b>bit'.")
+                   f"qat_<b>bit_tensor, binary, {', '.join(FP32_BASES[1:])} or "
+                   "'<method>+gkq_<b>bit'.")
 
 
 def _tuples(value):
@@ -410,10 +412,9 @@ class Survey:
     return Outcome(student, self._variables(state), fields,
                    {**info, "temperature": temperature, "distill_weight": weight})
 
-  def qat(self, name, bits: int | None) -> Outcome:
+  def qat(self, name, bits: int | None, per_channel: bool = True) -> Outcome:
     model = self.model
     binary = bits is None
-    per_channel = bool(self.cfg.qat_per_channel)
 
     def quantized(variables):
       if binary:
@@ -451,7 +452,9 @@ class Survey:
       return self.remove_blocks(name)
     if kind == "distill":
       return self.distill(name)
-    return self.qat(name, bits if kind == "qat" else None)
+    if kind == "binary":
+      return self.qat(name, None)
+    return self.qat(name, bits, per_channel=kind == "qat")
 
   def outcome(self, name: str) -> Outcome:
     """The method's outcome: from its file when it is done, else computed now."""

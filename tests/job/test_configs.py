@@ -17,13 +17,19 @@ from gkq_jax import kmeans1d
 from gkq_jax.job import models, pipeline
 from gkq_jax.job import run as run_lib
 
-# Input shape of one example for each dataset spec kind the configs use.
-SAMPLE_SHAPES = {"digits": (8, 8, 1), "idx": (28, 28, 1), "folder": (32, 32, 3)}
+# Input shape of one example for each dataset the configs name.
+SAMPLE_SHAPES = {"digits": (8, 8, 1), "tfds:fashion_mnist": (28, 28, 1),
+                 "tfds:cifar10": (32, 32, 3), "tfds:imagenet2012": (224, 224, 3)}
 
 VARIANTS = [("mlp", ""), ("mlp", "fashion_mnist"), ("mlp", "dc_fashion_mnist"),
             ("mlp", "compare_fashion_mnist"), ("mlp", "speech"), ("mlp", "smoke"),
             ("lenet5", ""), ("lenet5", "fashion_mnist"), ("lenet5", "smoke"),
-            ("resnet34", ""), ("resnet34", "cifar10"), ("resnet34", "smoke")]
+            ("resnet34", ""), ("resnet34", "cifar10"), ("resnet34", "imagenet"),
+            ("resnet34", "survey_cifar10"), ("resnet34", "smoke"),
+            ("mlp", "survey_fashion_mnist"), ("mlp", "obd_fashion_mnist"),
+            ("mlp", "equal_bytes_fashion_mnist"), ("lenet5", "survey_fashion_mnist"),
+            ("lenet5", "obd_fashion_mnist"), ("wrn16_4", ""), ("wrn16_4", "cifar10"),
+            ("wrn16_4", "smoke")]
 
 
 def flat_keys(config, prefix=""):
@@ -40,18 +46,19 @@ def flat_keys(config, prefix=""):
 def test_variant_builds_its_model_with_valid_settings(name, variant):
   config = importlib.import_module(f"configs.{name}").get_config(variant)
   # A field the defaults lack is a typo that would otherwise be silently ignored.
-  assert flat_keys(config) <= flat_keys(default.get_config())
+  # survey.student holds model fields of the student (free-form by design).
+  keys = {k for k in flat_keys(config) if not k.startswith("survey.student.")}
+  assert keys <= flat_keys(default.get_config())
   assert config.mode in run_lib.MODES
   q = config.quantize
   assert q.importance in gkq.IMPORTANCE_KINDS and q.granularity in gkq.GRANULARITIES
   assert (q.method, q.init, q.objective) in [
       (m, i, o) for m in kmeans1d.METHODS for i in kmeans1d.INITS for o in kmeans1d.OBJECTIVES]
   assert config.finetune.reduce in ("mean", "sum")
-  kind = config.dataset.partition(":")[0]
-  shape = SAMPLE_SHAPES[kind]
+  shape = SAMPLE_SHAPES[config.dataset]
   if config.image_size:
     shape = (config.image_size, config.image_size, shape[2])
-  model = models.create_model(config, 10)
+  model = models.create_model(config, 1000 if "imagenet" in config.dataset else 10)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1,) + shape)))
   # The quantize rules (extra "regex=bits" entries first) each match a parameter.
   rules = pipeline.cluster_rules(config)

@@ -27,6 +27,7 @@ def test_importance_kinds_match_manual_gradients():
   with pytest.raises(ValueError, match="not one of"):
     gkq.compute_importance(loss_fn, params, batches, "hessian")
 
+
 def test_damp_importance_adds_a_floor_of_the_leaf_mean():
   imp = {"w": jnp.array([0.0, 1.0, 5.0]), "skip": None}
   damped = gkq.damp_importance(imp, 0.5)
