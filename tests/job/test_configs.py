@@ -78,3 +78,16 @@ def test_quantize_rules_entries_come_before_the_default_bits():
   config.quantize.rules = ("Dense_0/kernel$:5",)
   with pytest.raises(ValueError, match=r"quantize.rules entry 'Dense_0/kernel\$:5' must look like"):
     pipeline.cluster_rules(config)
+
+
+def test_cluster_biases_adds_a_bias_rule_that_pruning_leaves_out():
+  config = importlib.import_module("configs.mlp").get_config("smoke")
+  model = models.create_model(config, 10)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1))))
+  bias = params["params"]["Dense_0"]["bias"]
+  assert gkq.clusters_for(pipeline.cluster_rules(config), "Dense_0/bias", bias) == 0
+  config.quantize.cluster_biases = True
+  rules = pipeline.cluster_rules(config)
+  assert gkq.clusters_for(rules, "Dense_0/bias", bias) == 2 ** config.quantize.bits
+  prunable = [r for r in rules if r.pattern != pipeline.BIAS_PATTERN]
+  assert gkq.clusters_for(prunable, "Dense_0/bias", bias) == 0
