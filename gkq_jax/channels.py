@@ -22,7 +22,6 @@ from typing import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gkq_jax.kmeans1d import grouped_kmeans_1d
 from gkq_jax.quantize import ClusteredArray

@@ -1,6 +1,5 @@
 """Entropy-constrained clustering and uniform quantization (gkq_jax.ecsq)."""
 
-import jax
 import numpy as np
 import pytest
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import gkq_jax as gkq
-from gkq_jax import packing
 
 @pytest.mark.parametrize("bits", range(1, 17))
 def test_pack_unpack_round_trip_every_width(bits):
