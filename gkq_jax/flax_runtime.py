@@ -270,13 +270,19 @@ def _linen_lut(module: nn.Module, args, kwargs):
   bias = module.get_variable("params", "bias") if module.use_bias else None
   if isinstance(bias, PackedParam):
     bias = bias.dequantize()
-  dtype = _compute_dtype(args[0], box, bias, module.dtype) if isinstance(box, PackedParam) else None
+  return _lut_or_fallback(args[0], box, bias, custom, module.dtype)
+
+
+def _lut_or_fallback(x, box, bias, custom, module_dtype):
+  """The LUT kernel's output, or None (and a warning naming a packed weight)
+  where the layer must take the XLA path."""
+  dtype = _compute_dtype(x, box, bias, module_dtype) if isinstance(box, PackedParam) else None
   reason = _lut_reason(box, custom, dtype)
   if reason:
     if isinstance(box, PackedParam):
       _warn_fallback(box.name, reason)
     return None
-  return _lut_dense(args[0], box, bias, dtype)
+  return _lut_dense(x, box, bias, dtype)
 
 
 def _nnx_lut(module: nnx.Module, args, kwargs):
@@ -289,13 +295,7 @@ def _nnx_lut(module: nnx.Module, args, kwargs):
   elif module.preferred_element_type is not None:
     custom = "it sets preferred_element_type"
   bias = module.bias[...] if module.bias is not None else None
-  dtype = _compute_dtype(args[0], box, bias, module.dtype) if isinstance(box, PackedParam) else None
-  reason = _lut_reason(box, custom, dtype)
-  if reason:
-    if isinstance(box, PackedParam):
-      _warn_fallback(box.name, reason)
-    return None
-  return _lut_dense(args[0], box, bias, dtype)
+  return _lut_or_fallback(args[0], box, bias, custom, module.dtype)
 
 
 # ------------------------------------------------------------------ linen
