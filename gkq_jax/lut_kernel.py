@@ -48,6 +48,8 @@ def lut_unsupported(w: packing.PackedArray) -> str | None:
     return "vector codebooks (granularity='vector') have no lookup-table kernel"
   if len(w.index_shape) != 2:
     return f"the kernel multiplies matrices; this weight has shape {w.shape}"
+  if w.codebook.ndim != 2:
+    return "codebooks per group of input rows (quantize's group_size) have no lookup-table kernel"
   if w.bits > 4:
     return f"{w.bits}-bit indices: the kernel takes 1 to 4 bits"
   rows, cols = w.index_shape

@@ -8,7 +8,10 @@ All scalar groups of a model go through one compiled call.
 Granularities:
   * ``"layer"``: one codebook per parameter (Deep Compression).
   * ``"channel"``: one codebook per output channel (last axis), as SqueezeLLM
-    and tfmot's per-channel clustering.
+    and tfmot's per-channel clustering. With ``group_size`` (per grouped
+    channel, as coremltools' per_grouped_channel): the leaf is read as a
+    (fan_in, C) matrix (all axes but the last are the input rows) and each
+    codebook serves ``group_size`` consecutive input rows of one output channel.
   * ``"model"``: one codebook shared by every selected parameter (Choi et al.);
     it has the largest number of clusters among the matching rules.
   * ``"combined"``: a global budget of centroids (default: the sum of the
@@ -47,7 +50,9 @@ class ClusteredArray:
   """A weight-shared array.
 
   Scalar layouts: ``codebook`` is (C, k), C = 1 or the number of output
-  channels (last axis), and ``indices`` has the original shape.
+  channels (last axis), and ``indices`` has the original shape; per grouped
+  channel it is (R, C, k): codebook [r, c] serves input rows r*fan_in/R ..
+  (r+1)*fan_in/R - 1 of channel c (fan_in = size / C).
   Vector layout (``vector_shape`` set): ``codebook`` is (k, prod(vector_shape)),
   ``indices`` has the non-vector axes, and the vector axes sit at
   ``vector_axis`` of the original (0: leading, whole filters; the last spatial
@@ -80,12 +85,25 @@ class ClusteredArray:
     if self.vector_shape is not None:
       vectors = self.codebook[idx]  # (*rest, d)
       dense = _vectors.from_vectors(vectors, self.vector_axis, self.vector_shape)
+    elif self.codebook.ndim == 3:
+      dense = self.codebook.reshape(-1)[self.codebook_rows() * self.codebook.shape[-1] + idx]
     elif self.codebook.shape[0] == 1:
       dense = self.codebook[0][idx]
     else:
       C, k = self.codebook.shape
       dense = self.codebook.reshape(-1)[idx + jnp.arange(C, dtype=jnp.int32) * k]
     return dense.astype(self.dtype)
+
+  def codebook_rows(self) -> jax.Array:
+    """Scalar layouts: the row of ``codebook.reshape(-1, k)`` that serves each
+    weight (an int32 array of ``indices``' shape)."""
+    C = self.indices.shape[-1] if self.indices.ndim else 1
+    fan_in = self.indices.size // C
+    groups = self.codebook.shape[0] if self.codebook.ndim == 3 else 1
+    channels = self.codebook.shape[-2]
+    row = jnp.arange(fan_in, dtype=jnp.int32)[:, None] // (fan_in // groups) * channels
+    column = jnp.arange(C, dtype=jnp.int32)[None, :] * int(channels > 1)
+    return (row + column).reshape(self.indices.shape)
 
 
 def is_clustered(x) -> bool:
@@ -113,7 +131,8 @@ def _combined_budget(sizes: Sequence[int], ks: Sequence[int], budget: int | None
 def quantize(params: Any, importance: Any = None,
              rules: Sequence[rules_lib.ClusterRule] = rules_lib.DEFAULT_RULES, *,
              granularity: str = "layer", budget: int | None = None, key=None,
-             masks: Any = None, budget_bytes: float | None = None, **cluster_options) -> Any:
+             masks: Any = None, budget_bytes: float | None = None,
+             group_size: int | None = None, **cluster_options) -> Any:
   """Clusters the selected leaves of ``params``.
 
   Args:
@@ -135,6 +154,9 @@ def quantize(params: Any, importance: Any = None,
       the clustering and map to a pinned exact-zero centroid (index 0), which
       counts as one of the leaf's clusters.
     key: PRNG key for random initialisations.
+    group_size: with granularity="channel", one codebook per ``group_size``
+      consecutive input rows of each output channel (the leaf read as a
+      (fan_in, C) matrix; it must divide every selected leaf's fan_in).
     **cluster_options: passed to :func:`gkq_jax.grouped_kmeans_1d` (method,
       init, objective, max_iter, tol, bins, ...) or, for "vector", to
       :func:`gkq_jax.kmeans_vectors` (init, max_iter, tol).
@@ -146,6 +168,7 @@ def quantize(params: Any, importance: Any = None,
   """
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}.")
+  _check_group_size(group_size, granularity)
   if budget_bytes is not None:
     if granularity != "layer":
       raise ValueError(f"budget_bytes allocates one codebook per layer; got "
@@ -178,6 +201,7 @@ def quantize(params: Any, importance: Any = None,
                      "(non-floating-point leaves are never clustered).")
   for i in chosen:
     _check_leaf(paths[i], leaves[i], imps[i], granularity)
+    _check_group_divides(paths[i], jnp.shape(leaves[i]), group_size)
   key = jax.random.PRNGKey(0) if key is None else key
   out = list(leaves)
   if granularity in _vectors.VECTOR_LAYOUTS:
@@ -188,7 +212,7 @@ def quantize(params: Any, importance: Any = None,
     for i, clustered in zip(chosen, _cluster_scalars(
         [leaves[i] for i in chosen], [imps[i] for i in chosen], [ks[i] for i in chosen],
         [masks[i] for i in chosen], [paths[i] for i in chosen], granularity, budget, key,
-        cluster_options)):
+        cluster_options, group_size)):
       out[i] = clustered
   for i in chosen:  # the codebook stays float32; dequantize gives the leaf's dtype back
     out[i] = out[i].replace(dtype=np.dtype(jnp.result_type(leaves[i])))
@@ -225,11 +249,37 @@ def _check_leaf(path, leaf, imp, granularity) -> None:
     check_nonnegative(f"importance of {path}", imp)
 
 
-def _scalar_layout(shape, mask, granularity):
+def _check_group_size(group_size, granularity) -> None:
+  if group_size is None:
+    return
+  if (isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer))
+      or group_size < 1):
+    raise ValueError(f"group_size must be a positive int (input rows per codebook), got "
+                     f"{group_size!r}.")
+  if granularity != "channel":
+    raise ValueError(f"group_size splits the input rows of each output channel; it needs "
+                     f"granularity='channel', got {granularity!r}.")
+
+
+def _check_group_divides(path, shape, group_size) -> None:
+  if group_size is None:
+    return
+  fan_in = int(np.prod(shape[:-1]))
+  if fan_in % group_size:
+    raise ValueError(f"group_size={group_size} does not divide the {fan_in} input rows of "
+                     f"{path} (shape {shape}, read as ({fan_in}, {shape[-1]})); choose a "
+                     "divisor or leave this leaf out of the rules.")
+
+
+def _scalar_layout(shape, mask, granularity, group_size=None):
   """Positions (into the flat dense leaf) to cluster, grouped row after row,
   and the size of each row (one row per codebook)."""
   size = int(np.prod(shape))
-  if granularity == "channel":
+  if group_size is not None:  # codebook r * C + c: input rows r*gs .. (r+1)*gs - 1 of channel c
+    fan_in = size // shape[-1]
+    order = np.arange(size).reshape(fan_in // group_size, group_size, shape[-1])
+    order = order.transpose(0, 2, 1).reshape(-1, group_size)
+  elif granularity == "channel":
     order = np.moveaxis(np.arange(size).reshape(shape), -1, 0).reshape(shape[-1], -1)
   else:
     order = np.arange(size)[None, :]
@@ -239,10 +289,11 @@ def _scalar_layout(shape, mask, granularity):
   return order[keep], keep.sum(axis=1).tolist()
 
 
-def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, options):
+def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, options,
+                     group_size=None):
   arrays = [jnp.asarray(x, jnp.float32) for x in leaves]
   pinned = [m is not None and not bool(np.all(np.asarray(m))) for m in masks]
-  layouts = [_scalar_layout(a.shape, m if p else None, granularity)
+  layouts = [_scalar_layout(a.shape, m if p else None, granularity, group_size)
              for a, m, p in zip(arrays, masks, pinned)]
   for path, (_, rows) in zip(paths, layouts):
     if min(rows) == 0:
@@ -280,7 +331,9 @@ def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, o
     flat_idx = jnp.zeros(a.size, jnp.int32).at[pos].set(idx)
     if pin:
       book = jnp.concatenate([jnp.zeros((book.shape[0], 1), book.dtype), book], axis=1)
-    out.append(ClusteredArray(book, flat_idx.reshape(a.shape).astype(_index_dtype(book.shape[1])),
+    if group_size is not None and a.size // a.shape[-1] > group_size:
+      book = book.reshape(-1, a.shape[-1], book.shape[-1])  # (R, C, k)
+    out.append(ClusteredArray(book, flat_idx.reshape(a.shape).astype(_index_dtype(book.shape[-1])),
                               pinned_zero=pin))
   return out
 

@@ -45,6 +45,9 @@ def _cluster_segments(leaf: ClusteredArray) -> tuple[jax.Array, int]:
     k, d = leaf.codebook.shape
     seg = idx[..., None] * d + jnp.arange(d, dtype=jnp.int32)  # (*rest, d)
     return _vectors.from_vectors(seg, leaf.vector_axis, leaf.vector_shape), k * d  # as dequantize
+  if leaf.codebook.ndim == 3:  # per grouped channel
+    k = leaf.codebook.shape[-1]
+    return leaf.codebook_rows() * k + idx, leaf.codebook.size
   channels, k = leaf.codebook.shape
   if channels > 1:
     idx = idx + jnp.arange(channels, dtype=jnp.int32) * k

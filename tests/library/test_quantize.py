@@ -282,3 +282,69 @@ def test_gradient_weighting_beats_plain_kmeans_on_the_loss_at_2_bits(trained_mlp
 
   weighted, plain = loss_increase(importance), loss_increase(None)
   assert 0 < weighted < 0.8 * plain, (weighted, plain)
+
+
+@pytest.fixture(scope="module")
+def grouped_channels():
+  """A Dense and a conv kernel with one codebook per 4 input rows of a channel."""
+  rng = np.random.default_rng(0)
+  params = {"conv": {"kernel": rng.standard_normal((3, 3, 4, 6)).astype(np.float32)},
+            "dense": {"kernel": rng.standard_normal((16, 5)).astype(np.float32),
+                      "bias": rng.standard_normal(5).astype(np.float32)}}
+  importance = jax.tree.map(lambda a: rng.random(a.shape).astype(np.float32), params)
+  rules = [gkq.ClusterRule("kernel", 4)]
+  quantized = gkq.quantize(params, importance, rules, granularity="channel", group_size=4)
+  return params, importance, quantized
+
+
+def test_group_size_clusters_each_group_of_input_rows_alone(grouped_channels):
+  params, importance, quantized = grouped_channels
+  dense = gkq.dequantize(quantized)
+  assert quantized["conv"]["kernel"].codebook.shape == (9, 6, 4)  # (fan_in / 4, C, K)
+  assert quantized["dense"]["kernel"].codebook.shape == (4, 5, 4)
+  np.testing.assert_array_equal(dense["dense"]["bias"], params["dense"]["bias"])
+  for name in ("conv", "dense"):
+    w = params[name]["kernel"].reshape(-1, params[name]["kernel"].shape[-1])
+    h = importance[name]["kernel"].reshape(w.shape)
+    got = np.asarray(dense[name]["kernel"]).reshape(w.shape)
+    for row in (0, 12) if name == "dense" else (0, 32):  # first and last groups
+      for channel in range(w.shape[1]):
+        group = np.s_[row:row + 4, channel]
+        alone = gkq.kmeans_1d(w[group], h[group], 4)
+        np.testing.assert_array_equal(got[group],
+                                      np.asarray(alone.centroids)[np.asarray(alone.assignments)])
+
+
+def test_group_size_leaves_save_load_and_share(grouped_channels, tmp_path):
+  _, _, quantized = grouped_channels
+  dense = gkq.dequantize(quantized)
+  gkq.save(tmp_path / "grouped.gkq", quantized)
+  back = gkq.load(tmp_path / "grouped.gkq")
+  assert back["conv"]["kernel"].codebook.shape == (9, 6, 4)
+  jax.tree.map(np.testing.assert_array_equal, gkq.dequantize(back), dense)
+  tx = gkq.share_centroids(quantized)
+  grads = jax.tree.map(lambda a: jnp.sin(jnp.arange(a.size, dtype=jnp.float32)).reshape(a.shape),
+                       dense)
+  updates, _ = tx.update(grads, tx.init(dense))
+  step = np.asarray(updates["dense"]["kernel"])
+  grad = np.asarray(grads["dense"]["kernel"])
+  idx = np.asarray(quantized["dense"]["kernel"].indices)
+  for row in range(0, 16, 4):  # each (group, cluster) moves by its own members' mean gradient
+    for channel in range(5):
+      group = np.s_[row:row + 4, channel]
+      for k in np.unique(idx[group]):
+        members = idx[group] == k
+        np.testing.assert_allclose(step[group][members], grad[group][members].mean(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("group_size,granularity,message", [
+    (0, "channel", r"group_size must be a positive int"),
+    (True, "channel", r"group_size must be a positive int"),
+    (3, "channel", r"group_size=3 does not divide the 16 input rows of dense/kernel"),
+    (4, "layer", r"needs granularity='channel'")])
+def test_group_size_bad_input(grouped_channels, group_size, granularity, message):
+  params, _, _ = grouped_channels
+  with pytest.raises(ValueError, match=message):
+    gkq.quantize(params, None, [gkq.ClusterRule("kernel", 4)], granularity=granularity,
+                 group_size=group_size)
