@@ -21,7 +21,10 @@ executable's ``memory_analysis()`` (argument bytes: weights, batch statistics
 and input; temp bytes: activations and, for the packed forward, its dense
 weight copies), and live-buffer accounting of XLA's schedule for the packed
 forward (:func:`dense_copies_peak`): the most bytes of dequantized weights
-alive at any one step. "weights held" = packed bytes + that peak. Target: at
+alive at any one step; "weights held" = packed bytes + that peak. The same
+accounting of all buffers but the arguments gives each forward's "live peak"
+(activations, and the packed forward's dense copies): temp bytes can exceed
+it, as XLA places temporaries at fixed offsets in one allocation. Target: at
 most packed bytes + the largest layer's float32 bytes (the dense forward holds
 all float32 weights).
 """
@@ -114,9 +117,10 @@ def _bytes(tree) -> int:
   return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def dense_copies_peak(lowered) -> tuple[int, object]:
+def dense_copies_peak(lowered) -> tuple[int, int, object]:
   """Live-buffer accounting of the compiled forward: the most bytes of dequantized (dense)
-  weights alive at any step of XLA's schedule, and the memory analysis.
+  weights alive at any step of XLA's schedule, the most bytes of all buffers but the
+  arguments alive at any step, and the memory analysis.
 
   Compiles with XLA's dumps on and reads its buffer sizes and live ranges. Dense copies are
   the outputs of fusions holding the codebook gather (XLA names them ``*gather*``) and
@@ -133,8 +137,16 @@ def dense_copies_peak(lowered) -> tuple[int, object]:
     assignment = read("cpu_after_optimizations-buffer-assignment.txt")
     live = read("cpu_after_optimizations-live-range.txt")
   sizes: dict[str, int] = {}
-  for name, size in re.findall(r"value: <\d+ ([\w.\-]+) @[^>]*> \(size=(\d+)", assignment):
-    sizes[name] = sizes.get(name, 0) + int(size)
+  slices: dict[str, set] = {}  # value -> (allocation, offset, size): values sharing one count once
+  arguments = set()
+  for allocation, body in re.findall(r"^allocation (\d+): ([^\n]*(?:\n value: [^\n]*)*)",
+                                     assignment, re.M):
+    for name, size, offset in re.findall(
+        r"value: <\d+ ([\w.\-]+) @[^>]*> \(size=(\d+),offset=(\d+)", body):
+      sizes[name] = sizes.get(name, 0) + int(size)
+      slices.setdefault(name, set()).add((allocation, int(offset), int(size)))
+      if ", parameter " in body.split("\n", 1)[0]:
+        arguments.add(name)
   entry = hlo[hlo.index("\nENTRY"):]
   operands = {m.group(1): set(re.findall(r"%([\w.\-]+)", m.group(2)))
               for m in re.finditer(r"^  (?:ROOT )?%([\w.\-]+) = (.*)$", entry, re.M)}
@@ -151,7 +163,13 @@ def dense_copies_peak(lowered) -> tuple[int, object]:
   steps = max((b for _, _, b in ranges), default=0) + 1
   peak = max((sum(sizes.get(n, 0) for n, a, b in ranges if a <= t <= b)
               for t in range(steps)), default=0)
-  return peak, compiled.memory_analysis()
+  others = [(n, int(a), int(b)) for n, a, b in
+            re.findall(r"^    ([\w.\-]+)\{[^}]*\}:(\d+)-(\d+)$", live, re.M)
+            if n in slices and n not in arguments]
+  live_peak = max((sum(size for _, _, size in set().union(*(
+      slices[n] for n, a, b in others if a <= t <= b)))
+      for t in range(max((b for _, _, b in others), default=0) + 1)), default=0)
+  return peak, live_peak, compiled.memory_analysis()
 
 
 def cpu_part(args):
@@ -176,11 +194,11 @@ def cpu_part(args):
       t_dense = median_ms(dense_fn, variables, x, repeats=repeats)
       t_packed = median_ms(packed_fn, packed, x, repeats=repeats)
       latency.append((name, batch, t_dense, t_packed, diff))
-      m_dense = dense_fn.lower(variables, x).compile().memory_analysis()
-      copies, m_packed = dense_copies_peak(packed_fn.lower(packed, x))
+      _, live_dense, m_dense = dense_copies_peak(dense_fn.lower(variables, x))
+      copies, live_packed, m_packed = dense_copies_peak(packed_fn.lower(packed, x))
       memory.append((name, batch, fp32, packed_bytes, largest, m_dense.argument_size_in_bytes,
-                     m_dense.temp_size_in_bytes, m_packed.argument_size_in_bytes,
-                     m_packed.temp_size_in_bytes, copies, packed_bytes + copies,
+                     m_dense.temp_size_in_bytes, live_dense, m_packed.argument_size_in_bytes,
+                     m_packed.temp_size_in_bytes, live_packed, copies, packed_bytes + copies,
                      packed_bytes + largest))
       print(f"  {name} batch {batch}: done", file=sys.stderr, flush=True)
   print("| model | batch | dense fp32 ms | packed ms | packed / dense | max abs logit diff |")
@@ -189,13 +207,15 @@ def cpu_part(args):
     print(f"| {name} | {batch} | {t_dense:.2f} | {t_packed:.2f} | {t_packed / t_dense:.2f} | "
           f"{diff:.2g} |")
   print("\n| model | batch | fp32 weights MB | packed MB | largest layer fp32 MB | dense fwd: "
-        "args / temp MB | packed fwd: args / temp MB | dense copies alive at once, most MB | "
-        "weights held: packed + copies MB | target: packed + largest MB | met |")
+        "args / temp / live peak MB | packed fwd: args / temp / live peak MB | dense copies "
+        "alive at once, most MB | weights held: packed + copies MB | target: packed + largest "
+        "MB | met |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
-  for (name, batch, fp32, pb, largest, da, dt, pa, pt, copies, held, target) in memory:
+  for (name, batch, fp32, pb, largest, da, dt, dl, pa, pt, pl, copies, held, target) in memory:
     print(f"| {name} | {batch} | {fp32 / MB:.2f} | {pb / MB:.2f} | {largest / MB:.2f} | "
-          f"{da / MB:.2f} / {dt / MB:.2f} | {pa / MB:.2f} / {pt / MB:.2f} | {copies / MB:.2f} | "
-          f"{held / MB:.2f} | {target / MB:.2f} | {'yes' if held <= target else 'no'} |")
+          f"{da / MB:.2f} / {dt / MB:.2f} / {dl / MB:.2f} | {pa / MB:.2f} / {pt / MB:.2f} / "
+          f"{pl / MB:.2f} | {copies / MB:.2f} | {held / MB:.2f} | {target / MB:.2f} | "
+          f"{'yes' if held <= target else 'no'} |")
 
 
 def main():
