@@ -6,10 +6,13 @@ For LeNet-5 (28x28x1) and LeNet-300-100: the model, the same model with half
 of every layer's conv filters and Dense neurons removed (what the survey's
 ``prune_norm`` produces), its low-rank factorization at a 0.25 parameter
 ratio (``lowrank``, the survey configs' layers) and the distillation student
-of the survey configs. Latency depends on the shapes only, so the weights are
-random. Every forward is jitted and warmed up, then each round times every
-architecture once, in turn (``gkq_jax/job/measure.py``), and the table shows
-the median and the speed-up over the unpruned model of the same batch size.
+of the survey configs; "Conv_0 kept" halves Conv_1 and Dense_0 only. The two
+conv layers are also timed alone, unpruned and halved, because XLA's CPU
+convolution does not get faster with fewer filters for every shape. Latency
+depends on the shapes only, so the weights are random. Every forward is jitted
+and warmed up, then each round times every architecture once, in turn
+(``gkq_jax/job/measure.py``), and the table shows the median and the speed-up
+over the unpruned model of the same batch size.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import re
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -37,12 +41,26 @@ def _lowrank(model, shape, pattern):
   return model.clone(ranks=tuple(sorted(ranks.items())))
 
 
+class _ConvAlone(nn.Module):
+  """One of LeNet-5's 5x5 valid convs on its own; reads the first ``inputs`` channels, so
+  the unpruned and the halved layer take the same input array."""
+
+  filters: int
+  inputs: int
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.Conv(self.filters, (5, 5), padding="VALID")(x[..., :self.inputs])
+
+
 def cases():
   lenet, mlp = models.LeNet5(), models.MLP(models.LENET_300_100)
   return {
       "LeNet-5": ((28, 28, 1), {
           "unpruned": lenet,
           "half filters and neurons": lenet.clone(conv_widths=(10, 25), hidden=250),
+          "half of Conv_1 and Dense_0, Conv_0 kept": lenet.clone(conv_widths=(20, 25),
+                                                                 hidden=250),
           "low-rank 0.25 (Conv_1, Dense_0)": _lowrank(lenet, (28, 28, 1), r"^(Conv_1|Dense_0)$"),
           "student (10, 25) x 250": lenet.clone(conv_widths=(10, 25), hidden=250)}),
       "LeNet-300-100": ((28, 28, 1), {
@@ -50,6 +68,11 @@ def cases():
           "half neurons": mlp.clone(hidden=(150, 50)),
           "low-rank 0.25 (Dense_0, Dense_1)": _lowrank(mlp, (28, 28, 1), r"^Dense_[01]$"),
           "student (100, 50)": mlp.clone(hidden=(100, 50))}),
+      "LeNet-5 Conv_0 alone": ((28, 28, 1), {
+          "unpruned": _ConvAlone(20, 1), "half filters (10)": _ConvAlone(10, 1)}),
+      "LeNet-5 Conv_1 alone": ((12, 12, 20), {
+          "unpruned": _ConvAlone(50, 20),
+          "half filters, half inputs (10 -> 25)": _ConvAlone(25, 10)}),
   }
 
 
