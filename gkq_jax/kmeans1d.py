@@ -178,7 +178,10 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     :class:`Clustering` with centroids (G, K), K = max(num_clusters), and
     assignments (N,). A group never holds more than its own number of distinct
     centroid values; with more clusters than distinct values some clusters
-    are simply empty (duplicated centroids), never NaN.
+    are simply empty (duplicated centroids), never NaN. A group with at most
+    K values gets each value as its own centroid (sorted; the spare slots
+    repeat the largest). Each group's result is the one it gets alone
+    (``kmeans_1d`` on its values, same options and key).
   """
   _check_options(method, init, objective, max_iter, tol)
   group_sizes = tuple(int(s) for s in group_sizes)
