@@ -25,6 +25,7 @@ column compares every method on exactly those groups.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -119,7 +120,7 @@ def child(args):
   else:
     import flash1dkmeans
     bounds = np.concatenate([[0], np.cumsum(sizes)])
-    groups = [(x[s:e], h[s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
+    groups = [(x[s:e], h[s:e]) for s, e in itertools.pairwise(bounds)]
     start = time.perf_counter()
     flash1dkmeans.kmeans_1d(groups[0][0], k, sample_weights=groups[0][1], random_state=0)
     first = time.perf_counter() - start  # numba compilation, on one group
