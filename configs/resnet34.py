@@ -14,7 +14,7 @@ from configs import default
 def get_config(variant: str = ""):
   c = default.get_config()
   c.model = "resnet34"
-  c.num_epochs = 10
+  c.num_epochs = 5  # the offline default: ~8 min on 2 CPU cores (98% by epoch 4)
   c.batch_size = 64
   c.learning_rate = 0.05
   if variant in ("cifar10", "survey_cifar10"):
