@@ -433,7 +433,8 @@ class Survey:
         variables["params"], bits, per_channel=per_channel,
         fold_scales=fold_scales(model, variables))
     return Outcome(model, dict(variables, params=params), {},
-                   {**info, "bits": 1 if binary else bits, "per_channel": per_channel,
+                   {**info, "bits": 1 if binary else bits,
+                    "per_channel": per_channel and not binary,  # binary: one scale per layer
                     "folded_batchnorm": bool(fold_scales(model, variables))})
 
   # -------------------------------------------------------------- driver
