@@ -48,7 +48,10 @@ def get_config():
       importance="grad_sq",  # "abs_grad", "grad_sq" or "none"
       importance_batches=20,
       method="hist", init="dp", objective="l2",
-      granularity="layer"))
+      granularity="layer",
+      # with granularity="channel": one codebook per group_size consecutive input rows of
+      # each output channel (coremltools' per_grouped_channel); 0: one per whole channel
+      group_size=0))
   # budget_bytes > 0: model.gkq at most this many bytes; each layer gets the k-means K / ECSQ price
   # (budget_methods) that minimises the total importance-weighted distortion ("optimal"), or one
   # setting for all layers ("same"). pin_zero: an exact zero in every codebook (ECSQ may prune).

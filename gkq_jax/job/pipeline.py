@@ -244,7 +244,8 @@ def quantize_stage(ctx: Context, state, rules, masks, results=None):
     return budget_quantize(ctx, state, rules, masks, imp, results)
   return dkm_stage.quantize(state.params, imp, rules, q.granularity, masks=masks,
                             key=jax.random.PRNGKey(ctx.config.seed), method=q.method,
-                            init=q.init, objective=q.objective)
+                            init=q.init, objective=q.objective,
+                            group_size=int(q.group_size) or None)
 
 
 def finetune_stage(ctx: Context, state, quantized, masks, teacher=None, stage="finetune",

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import types
 
 import jax
 import numpy as np
@@ -201,3 +202,15 @@ def test_finetune_stage_distils_and_sums_cluster_updates(finished_run, tmp_path)
   # "sum" adds up the updates of a cluster: hundreds of weights each here.
   assert np.abs(total).mean() > 10 * np.abs(mean).mean()
   assert np.abs(mean - alone).max() > 0.01 * np.abs(mean).max()  # the teacher's pull
+
+
+def test_quantize_stage_passes_group_size_per_grouped_channel(monkeypatch):
+  config = mlp_config.get_config("smoke")
+  config.quantize.granularity, config.quantize.group_size = "channel", 4
+  monkeypatch.setattr(pipeline, "importance_of", lambda ctx, state, kind: None)
+  kernel = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+  ctx = types.SimpleNamespace(config=config)
+  state = types.SimpleNamespace(params={"dense": {"kernel": kernel}})
+  q = pipeline.quantize_stage(ctx, state, pipeline.cluster_rules(config), None)
+  # (fan_in / group_size, channels, K): two codebooks per output channel.
+  assert q["dense"]["kernel"].codebook.shape[:2] == (2, 3)
