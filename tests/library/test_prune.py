@@ -97,7 +97,7 @@ def test_keep_pruned_zeroes_what_the_inner_optimiser_adds():
   # weight the mask removes but that is not zero yet) must not reach pruned weights.
   masks = {"w": jnp.array([False, True, False])}
   params = {"w": jnp.array([0.0, 2.0, 1.5])}
-  inner = optax.chain(optax.add_noise(1.0, 0.0, key=0), optax.adamw(0.1, weight_decay=0.5))
+  inner = optax.chain(optax.add_noise(1.0, 0.0, 0), optax.adamw(0.1, weight_decay=0.5))
   tx = prune.keep_pruned(inner, masks)
   state = tx.init(params)
   for _ in range(3):
