@@ -10,7 +10,7 @@ from configs import lenet5 as lenet5_config
 from configs import wrn16_4
 from gkq_jax.job import dkm_stage, models
 from gkq_jax.job import run as run_lib
-from tests.job.tiny import pipeline_config
+from tests.job.tiny import kill_stage_after_one_epoch, pipeline_config
 
 
 def _dkm_config(**overrides):
@@ -26,22 +26,10 @@ def _dkm_config(**overrides):
 
 
 def test_killed_dkm_stage_resumes_identically(tmp_path, monkeypatch):
-  from gkq_jax.job import train as train_lib
   straight = run_lib.run(_dkm_config(num_epochs=1), tmp_path / "straight")
   # The same baseline, so that only the dkm stage runs twice.
   config = _dkm_config(init_checkpoint=str(tmp_path / "straight" / "checkpoints" / "baseline"))
-  real_fit = train_lib.fit
-  calls = {"n": 0}
-
-  def killed_in_dkm(state, data, step, **kw):
-    if kw["stage"] == "dkm" and calls["n"] == 0:
-      calls["n"] += 1
-      kw["num_epochs"] = 1  # checkpoint epoch 1 (F inside the optimiser state), then "die"
-      real_fit(state, data, step, **kw)
-      raise KeyboardInterrupt("simulated kill")
-    return real_fit(state, data, step, **kw)
-
-  monkeypatch.setattr(train_lib, "fit", killed_in_dkm)
+  kill_stage_after_one_epoch(monkeypatch, "dkm")
   with pytest.raises(KeyboardInterrupt):
     run_lib.run(config, tmp_path / "resumed")
   resumed = run_lib.run(config, tmp_path / "resumed")

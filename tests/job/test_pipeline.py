@@ -14,7 +14,7 @@ from gkq_jax.job import models, pipeline
 from gkq_jax.job import report as report_lib
 from gkq_jax.job import run as run_lib
 from gkq_jax.job import train as train_lib
-from tests.job.tiny import pipeline_config
+from tests.job.tiny import kill_stage_after_one_epoch, pipeline_config
 
 
 @pytest.fixture(scope="module")
@@ -94,23 +94,11 @@ def test_rerun_replays_checkpoints_to_the_same_result(finished_run, monkeypatch)
 
 
 def test_interrupted_finetune_resumes(tmp_path, monkeypatch):
-  from gkq_jax.job import train as train_lib
   config = pipeline_config()
   config.prune.enabled = False
   config.finetune.epochs = 2
   straight = run_lib.run(config, tmp_path / "straight")
-  real_fit = train_lib.fit
-  calls = {"n": 0}
-
-  def killed_in_finetune(state, data, step, **kw):
-    if kw["stage"] == "finetune" and calls["n"] == 0:
-      calls["n"] += 1
-      kw["num_epochs"] = 1  # checkpoint epoch 1, then "die"
-      real_fit(state, data, step, **kw)
-      raise KeyboardInterrupt("simulated kill")
-    return real_fit(state, data, step, **kw)
-
-  monkeypatch.setattr(train_lib, "fit", killed_in_finetune)
+  kill_stage_after_one_epoch(monkeypatch, "finetune")
   with pytest.raises(KeyboardInterrupt):
     run_lib.run(config, tmp_path / "resumed")
   assert (tmp_path / "resumed" / "checkpoints" / "finetune").exists()

@@ -26,3 +26,20 @@ def pipeline_config(**overrides):
   for k, v in overrides.items():
     setattr(c, k, v)
   return c
+
+
+def kill_stage_after_one_epoch(monkeypatch, stage: str) -> None:
+  """Makes the first ``fit`` of ``stage`` train (and checkpoint) one epoch, then
+  die as a killed process would; later calls run normally."""
+  from gkq_jax.job import train as train_lib
+  real_fit = train_lib.fit
+  calls = {"n": 0}
+
+  def killed(state, data, step, **kw):
+    if kw["stage"] == stage and calls["n"] == 0:
+      calls["n"] += 1
+      real_fit(state, data, step, **{**kw, "num_epochs": 1})
+      raise KeyboardInterrupt("simulated kill")
+    return real_fit(state, data, step, **kw)
+
+  monkeypatch.setattr(train_lib, "fit", killed)
