@@ -58,12 +58,13 @@ def equal_bytes(ctx: pipeline.Context, state, results: dict) -> dict:
   config = ctx.config
   rules = pipeline.cluster_rules(config)
   base = state.params
-  importances = {kind: pipeline.importance_of(ctx, state, kind)
-                 for kind in {METHODS[m][0] for m in config.equal_bytes.methods} | {"grad_sq"}}
-  damped_grad_sq = gkq.damp_importance(importances["grad_sq"], config.quantize.damping)
+  # Checked before any importance is computed (minutes on a real model).
   unknown = [m for m in config.equal_bytes.methods if m not in METHODS]
   if unknown:
     raise ValueError(f"equal_bytes.methods {unknown} are not among {tuple(METHODS)}.")
+  importances = {kind: pipeline.importance_of(ctx, state, kind)
+                 for kind in {METHODS[m][0] for m in config.equal_bytes.methods} | {"grad_sq"}}
+  damped_grad_sq = gkq.damp_importance(importances["grad_sq"], config.quantize.damping)
   rows = []
   for bits in config.equal_bytes.bits:
     budget = fixed_width_bytes(base, rules, int(bits))

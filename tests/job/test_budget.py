@@ -72,3 +72,12 @@ def test_equal_bytes_mode_keeps_every_method_within_the_budget(budget_run, tmp_p
 def test_bad_settings_fail_before_training(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     run_lib.run(_config(**overrides), tmp_path)
+
+
+def test_unknown_equal_bytes_method_is_named_before_any_work():
+  import types
+  from gkq_jax.job import equal_bytes
+  c = _config(equal_bytes__methods=("kmeans", "kmeens"))
+  ctx, state = types.SimpleNamespace(config=c), types.SimpleNamespace(params={})
+  with pytest.raises(ValueError, match=r"equal_bytes.methods \['kmeens'\]"):
+    equal_bytes.equal_bytes(ctx, state, {})
