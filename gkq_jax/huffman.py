@@ -21,6 +21,8 @@ def code_lengths(freqs: np.ndarray) -> np.ndarray:
   freqs = np.asarray(freqs, np.int64)
   used = np.flatnonzero(freqs)
   lengths = np.zeros(freqs.size, np.uint8)
+  if used.size == 0:  # an empty stream (e.g. the gaps of a leaf pruned to nothing)
+    return lengths
   if used.size == 1:
     lengths[used] = 1
     return lengths

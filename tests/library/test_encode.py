@@ -48,6 +48,17 @@ def test_every_coding_round_trips_exactly(tmp_path, k, density):
     assert sizes["w"]["coding"] == "sparse"
 
 
+def test_a_leaf_with_every_weight_on_its_pinned_zero_round_trips(tmp_path):
+  # ECSQ or a re-assignment can send every weight of a pruned layer to zero: the
+  # sparse coding then has no gaps to code.
+  w = np.zeros((20, 6), np.float32)
+  leaf = gkq.ClusteredArray(np.array([[0.0, 0.5]], np.float32), np.zeros(w.shape, np.uint8),
+                            pinned_zero=True)
+  encode.save(tmp_path / "m.gkq", {"w": leaf})
+  back = encode.load(tmp_path / "m.gkq")
+  np.testing.assert_array_equal(np.asarray(gkq.dequantize(back)["w"]), w)
+
+
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 
 
