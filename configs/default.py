@@ -73,6 +73,12 @@ def get_config():
       form="indicator",  # or "spectral" (only while K < rank W)
       importance="none",  # "grad_sq" / "abs_grad": the importance-weighted variant
       on_degenerate="raise"))  # spectral at K >= rank: "raise" or "indicator" (warn, fall back)
+  # Quantization-aware retraining after quantization (job/qat_stage.py): the float weights
+  # trained through the values they are assigned to (straight-through), codebooks re-fitted
+  # each epoch, then fine-tuning on the shared values as without it.
+  c.qat = ml_collections.ConfigDict(dict(
+      enabled=False, epochs=4, learning_rate=1e-3,
+      distill=0.0))  # weight of distillation from the uncompressed model
   c.finetune = ml_collections.ConfigDict(dict(
       epochs=2, learning_rate=0.01, reduce="mean",  # "sum": Deep Compression's rule
       distill=0.0))  # weight of distillation from the uncompressed model

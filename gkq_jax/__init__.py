@@ -32,6 +32,7 @@ from gkq_jax.prune import (apply_masks, cubic_sparsity, keep_pruned, magnitude_m
 from gkq_jax.qat import (batchnorm_scale, binary_codebook, binary_codebooks, binary_fake_quant,
                          fake_binarize, fake_quantize, uniform_codebook, uniform_codebooks,
                          uniform_fake_quant)
+from gkq_jax.reassign import fake_reassign, reassign
 from gkq_jax.quantize import (GRANULARITIES, ClusteredArray, clustered_leaves, dequantize,
                               is_clustered, quantize)
 from gkq_jax.rules import (DEFAULT_RULES, ClusterRule, bits_rule, check_rules, clusters_for,
@@ -65,5 +66,5 @@ __all__ = [
     "damp_importance",
     "PackedArray", "is_packed", "pack", "pack_indices", "pack_tree", "unpack", "unpack_indices",
     "unpack_tree", "apply_packed", "merge_packed", "lut_matmul", "lut_matmul_reference",
-    "lut_unsupported", "cluster_per_channel", "stream_per_channel",
+    "lut_unsupported", "cluster_per_channel", "stream_per_channel", "fake_reassign", "reassign",
 ]

@@ -28,8 +28,8 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-IGNORED = shutil.ignore_patterns(".git", "runs", "__pycache__", "*.egg-info", ".pytest_cache",
-                                 "*.gkq")
+IGNORED = shutil.ignore_patterns(".git", "runs", ".venv", "__pycache__", "*.egg-info",
+                                 ".pytest_cache", "*.gkq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,29 @@ class Mutant:
 
 
 MUTANTS = (
+    Mutant("reassign-ignores-price",
+           "ECSQ re-assignment: distortion + price x code length (the rate stays controlled)",
+           "gkq_jax/reassign.py",
+           "jnp.where(price > 0, h * err * err + price * bits[:, j][rows], err * err)",
+           "err * err",
+           ("tests/library/test_reassign.py::"
+            "test_a_price_never_increases_the_ecsq_objective_and_prunes_more",)),
+    Mutant("reassign-unweighted-means",
+           "re-fitted entries are importance-weighted means of their members",
+           "gkq_jax/reassign.py",
+           "    mass = jax.ops.segment_sum(h, seg, n)\n"
+           "    mean = jax.ops.segment_sum(h * w, seg, n)",
+           "    mass = jax.ops.segment_sum(jnp.ones_like(h), seg, n)\n"
+           "    mean = jax.ops.segment_sum(w, seg, n)",
+           ("tests/library/test_reassign.py::"
+            "test_price_zero_takes_the_nearest_entry_and_weighted_means",)),
+    Mutant("straight-through-blocked",
+           "QAT through codebooks: the gradient passes straight through to the float weights",
+           "gkq_jax/reassign.py",
+           "  return primals[1], tangents[0]",
+           "  return primals[1], jnp.zeros_like(tangents[0])",
+           ("tests/library/test_reassign.py::"
+            "test_fake_reassign_forward_is_the_assigned_value_and_gradient_passes_through",)),
     Mutant("quantize-ignores-importance",
            "gradient-weighted clustering of whole models",
            "gkq_jax/quantize.py",

@@ -12,9 +12,10 @@ later one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import tempfile
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from absl import logging
 import gkq_jax as gkq
 from gkq_jax.job import dkm_stage
 from gkq_jax.job import energy as energy_lib
+from gkq_jax.job import qat_stage as qat_stage_lib
 from gkq_jax.job import report as report_lib
 from gkq_jax.job import train as train_lib
 
@@ -148,6 +150,7 @@ def check_config(config) -> None:
     gkq.cubic_sparsity(1, p.sparsity, int(p.rounds))  # raises on a sparsity outside [0, 1)
     if p.scope not in gkq.prune.PRUNE_SCOPES:
       raise ValueError(f"prune.scope={p.scope!r} is not one of {gkq.prune.PRUNE_SCOPES}.")
+  qat_stage_lib.check_config(config)
   gkq.damp_importance({}, q.damping)  # raises on a negative damping
   if q.budget_bytes < 0:
     raise ValueError(f"quantize.budget_bytes must be >= 0 (0: no budget), got {q.budget_bytes}.")
@@ -199,23 +202,25 @@ def prune_stage(ctx: Context, state, rules, teacher=None):
   return state, masks
 
 
+def _file_bytes(state, quantized) -> tuple[int, int]:
+  """(bytes of model.gkq holding ``quantized``, bytes of all but its clustered leaves)."""
+  extra = {} if state.batch_stats is None else {"batch_stats": state.batch_stats}
+  with tempfile.TemporaryDirectory() as folder:  # a measurement, not an output
+    total, sizes = gkq.save(pathlib.Path(folder) / "trial.gkq", {"params": quantized, **extra})
+  clustered = sum(sizes[p]["bytes"] for p, _ in gkq.clustered_leaves({"params": quantized}))
+  return total, total - clustered
+
+
 def budget_quantize(ctx: Context, state, rules, masks, importance, results=None):
   """Quantizes so that the whole ``model.gkq`` takes at most
   ``quantize.budget_bytes``: the clustered leaves get what the raw leaves,
   the header and the checksum leave (measured on trial files)."""
   q = ctx.config.quantize
   target = int(q.budget_bytes)
-  extra = {} if state.batch_stats is None else {"batch_stats": state.batch_stats}
-
-  def file_bytes(quantized):
-    with tempfile.TemporaryDirectory() as folder:  # a measurement, not an output
-      total, sizes = gkq.save(pathlib.Path(folder) / "trial.gkq", {"params": quantized, **extra})
-    clustered = sum(sizes[p]["bytes"] for p, _ in gkq.clustered_leaves({"params": quantized}))
-    return total, total - clustered
-
+  file_bytes = functools.partial(_file_bytes, state)
   _, overhead = file_bytes(gkq.quantize(state.params, None, rules, masks=masks))
   leaf_budget = target - overhead
-  for _ in range(4):  # the header's size moves a little with the codings chosen
+  for attempt in range(8):  # the header's size moves a little with the codings chosen
     result = gkq.quantize_to_budget(
         state.params, importance, rules, leaf_budget, methods=tuple(q.budget_methods),
         allocation=q.allocation, masks=masks, pin_zero=q.pin_zero,
@@ -225,7 +230,9 @@ def budget_quantize(ctx: Context, state, rules, masks, importance, results=None)
     total, _ = file_bytes(result.quantized)
     if total <= target:
       break
-    leaf_budget -= total - target
+    # A growing margin: a new choice of codings can grow the compressed header
+    # by about what it saved, so taking off only the excess may never converge.
+    leaf_budget -= total - target + 2 ** attempt
   else:
     raise RuntimeError(f"quantize.budget_bytes={target}: the file stays at {total} bytes.")
   if results is not None:
@@ -234,18 +241,47 @@ def budget_quantize(ctx: Context, state, rules, masks, importance, results=None)
   for choice in result.choices:
     logging.info("budget: %s -> %s %.4g, %d values, %d bytes", choice.path, choice.method,
                  choice.setting, choice.num_clusters, choice.bytes)
-  return result.quantized
+  return result
 
 
-def quantize_stage(ctx: Context, state, rules, masks, results=None):
+class Quantized(NamedTuple):
+  params: Any  # the params with ClusteredArray leaves
+  importance: Any  # the h they were clustered with
+  prices: dict  # {leaf path: ECSQ price per bit} of layers the budget gave an ECSQ setting
+
+
+def quantize_stage(ctx: Context, state, rules, masks, results=None) -> Quantized:
   q = ctx.config.quantize
   imp = gkq.damp_importance(importance_of(ctx, state, q.importance), q.damping)
   if q.budget_bytes:
-    return budget_quantize(ctx, state, rules, masks, imp, results)
-  return dkm_stage.quantize(state.params, imp, rules, q.granularity, masks=masks,
-                            key=jax.random.PRNGKey(ctx.config.seed), method=q.method,
-                            init=q.init, objective=q.objective,
-                            group_size=int(q.group_size) or None)
+    result = budget_quantize(ctx, state, rules, masks, imp, results)
+    # Choice paths are of the params tree, as the quantized leaves' own paths.
+    prices = {c.path: c.setting for c in result.choices if c.method == "ecsq"}
+    return Quantized(result.quantized, imp, prices)
+  return Quantized(dkm_stage.quantize(state.params, imp, rules, q.granularity, masks=masks,
+                                      key=jax.random.PRNGKey(ctx.config.seed), method=q.method,
+                                      init=q.init, objective=q.objective,
+                                      group_size=int(q.group_size) or None), imp, {})
+
+
+def qat_stage(ctx: Context, state, rules, masks, quantized: Quantized, teacher, results):
+  """The ``qat`` stage (job/qat_stage.py). With a byte budget the ECSQ prices
+  follow the weights so that the file stays within it; where they cannot, the
+  trained weights are quantized to the budget again."""
+  extra = distillation_loss(state, teacher, ctx.config.qat.distill) if teacher else None
+  budget = int(ctx.config.quantize.budget_bytes)
+  keep_budget = None
+  if budget:
+    file_bytes = lambda q: _file_bytes(state, q)[0]
+    keep_budget = lambda refit, params, q, prices: qat_stage_lib.fit_budget(
+        refit, params, q, prices, file_bytes, budget)
+  state, q, within = qat_stage_lib.run(ctx, state, quantized.params, quantized.importance,
+                                       quantized.prices, masks, extra, keep_budget)
+  if not within:
+    logging.info("qat: no price keeps the re-assigned file within quantize.budget_bytes=%d; "
+                 "quantizing to the budget again", budget)
+    q = quantize_stage(ctx, state, rules, masks, results).params
+  return state, q
 
 
 def finetune_stage(ctx: Context, state, quantized, masks, teacher=None, stage="finetune",
@@ -299,8 +335,12 @@ def compress(ctx: Context, state, results: dict) -> dict:
     state = dkm_stage.run(ctx, state, rules, masks, importance_of)
     ctx.score(results, "dkm", state)
   before_clustering = state.params
-  q = quantize_stage(ctx, state, rules, masks, results)
+  quantized = quantize_stage(ctx, state, rules, masks, results)
+  q = quantized.params
   ctx.score(results, "quantized", state, gkq.dequantize(q))
+  if config.qat.enabled and config.qat.epochs > 0:
+    state, q = qat_stage(ctx, state, rules, masks, quantized, teacher, results)
+    ctx.score(results, "qat", state, gkq.dequantize(q))
   state, q = finetune_stage(ctx, state, q, masks, teacher)
   ctx.score(results, "finetuned", state)
   path, nbytes, sizes, file_state = encode_stage(ctx, state, q)

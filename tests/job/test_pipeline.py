@@ -177,7 +177,7 @@ def test_finetune_stage_distils_and_sums_cluster_updates(finished_run, tmp_path)
                                ctx.optimizer(1, 0.01), config.seed)
   state = run_lib.restore_init_checkpoint(str(workdir / "checkpoints" / "baseline"), state)
   teacher = {"params": state.params, "batch_stats": state.batch_stats}
-  q = pipeline.quantize_stage(ctx, state, pipeline.cluster_rules(config), None)
+  q = pipeline.quantize_stage(ctx, state, pipeline.cluster_rules(config), None).params
   start = jax.tree.leaves(gkq.dequantize(q))
 
   def moves(reduce, distill):
@@ -199,6 +199,6 @@ def test_quantize_stage_passes_group_size_per_grouped_channel(monkeypatch):
   kernel = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
   ctx = types.SimpleNamespace(config=config)
   state = types.SimpleNamespace(params={"dense": {"kernel": kernel}})
-  q = pipeline.quantize_stage(ctx, state, pipeline.cluster_rules(config), None)
+  q = pipeline.quantize_stage(ctx, state, pipeline.cluster_rules(config), None).params
   # (fan_in / group_size, channels, K): two codebooks per output channel.
   assert q["dense"]["kernel"].codebook.shape[:2] == (2, 3)

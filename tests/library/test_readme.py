@@ -29,6 +29,9 @@ PRINTED = {
     'size, per_leaf = gkq.save("/tmp/model.gkq", q)': [
         lambda line: int(line.split()[0]) < 8320 / 4
         and line.split()[1] in ("fixed", "huffman", "sparse")],
+    # Training through the codebooks lowers the loss; 3-bit kernel + raw bias < fp32.
+    "q = gkq.reassign(params, q, imp)": [
+        lambda line: line.split()[0] == "True" and int(line.split()[1]) < 8320 / 4],
 }
 
 

@@ -1,0 +1,110 @@
+"""Quantization-aware retraining on the codebooks, between quantization and fine-tuning.
+
+Fine-tuning on shared values moves only the codebook entries: at 12-24 values
+per layer that is a few dozen numbers, too few to win back what a 50x file
+loses. The ``qat`` stage trains the float weights instead, through the values
+they are assigned to now (:func:`gkq_jax.fake_reassign`, straight-through
+gradient), so weights change cluster where the loss asks; the assignment is
+the quantizer's own (nearest entry for k-means layers, ECSQ's distortion +
+price x code length for layers the budget gave an ECSQ price), so the coded
+size stays near the budget. After each epoch :func:`gkq_jax.reassign` moves
+each entry to the weighted mean of its new members.
+
+Each epoch is a stage of its own (``qat_1`` ..), checkpointed; the optimiser
+state, and with it the learning-rate schedule, carries across them, and the
+codebooks of epoch e are a pure function of the weights after epoch e - 1, so
+a rerun replays finished epochs and resumes the interrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import jax
+from absl import logging
+
+import gkq_jax as gkq
+from gkq_jax.job import train as train_lib
+
+
+def check_config(config) -> None:
+  q = config.qat
+  if not isinstance(q.epochs, int) or q.epochs < 0:
+    raise ValueError(f"qat.epochs must be an integer >= 0, got {q.epochs!r}.")
+  if not q.learning_rate > 0:
+    raise ValueError(f"qat.learning_rate must be > 0, got {q.learning_rate!r}.")
+  if q.enabled and config.quantize.granularity in ("row", "vector"):
+    raise ValueError(f"qat re-assigns scalar weights; quantize.granularity="
+                     f"{config.quantize.granularity!r} shares vectors: use 'layer' or "
+                     "'channel', or set qat.enabled=False.")
+
+
+def _snapping_apply(apply_fn, quantized, importance, prices, masks):
+  """The model's apply with its clustered params on their assigned values."""
+
+  def apply(variables, x, **kwargs):
+    params = gkq.fake_reassign(variables["params"], quantized, importance, prices=prices,
+                               masks=masks)
+    return apply_fn(dict(variables, params=params), x, **kwargs)
+
+  return apply
+
+
+def fit_budget(refit, params, quantized, prices: dict, file_bytes, budget: int):
+  """(quantized, prices): ``refit`` at the ECSQ prices times one factor s, the
+  smallest s in [1/8, 256] (bisection over log s) whose file takes at most
+  ``budget`` bytes, so the coded size stays at the budget as the weights move;
+  None when even s = 256 does not fit or no layer has a price."""
+  if not prices:
+    return None
+  scaled = lambda s: {path: price * s for path, price in prices.items()}
+  fits = lambda s: file_bytes(refit(params, quantized, prices=scaled(s))) <= budget
+  lo, hi = -3.0, 8.0  # log2 s
+  if fits(2.0 ** lo):
+    return refit(params, quantized, prices=scaled(2.0 ** lo)), scaled(2.0 ** lo)
+  if not fits(2.0 ** hi):
+    return None
+  for _ in range(12):
+    mid = (lo + hi) / 2
+    lo, hi = (lo, mid) if fits(2.0 ** mid) else (mid, hi)
+  return refit(params, quantized, prices=scaled(2.0 ** hi)), scaled(2.0 ** hi)
+
+
+def run(ctx, state, quantized, importance, prices, masks, extra_loss=None, keep_budget=None):
+  """``qat.epochs`` of training through the codebooks; returns (state with the
+  latent float weights and the model's own apply, quantized re-fitted to them,
+  whether it was kept within the budget).
+
+  ``keep_budget(refit, params, quantized, prices)``: after each epoch, the
+  re-fitted codebooks and prices that keep the file within the byte budget
+  (:func:`fit_budget`), or None when prices cannot (the caller re-quantizes).
+  """
+  cfg = ctx.config.qat
+  apply_fn = state.apply_fn
+  tx = ctx.optimizer(cfg.epochs, cfg.learning_rate)
+  if masks is not None:
+    tx = gkq.keep_pruned(tx, masks)
+  state = train_lib.TrainState.create(apply_fn=apply_fn, params=state.params, tx=tx,
+                                      batch_stats=state.batch_stats)
+  jitted = jax.jit(gkq.reassign)
+  refit = lambda params, q, prices: jitted(params, q, importance, prices=prices, masks=masks)
+  c = ctx.config
+  step = train_lib.make_train_step(augment=c.augment, cutout=c.cutout,
+                                   label_smoothing=c.label_smoothing, extra_loss=extra_loss)
+  within = True
+  for epoch in range(cfg.epochs):
+    state = state.replace(apply_fn=_snapping_apply(apply_fn, quantized, importance, prices,
+                                                   masks))
+    state = train_lib.fit(state, ctx.data, step, num_epochs=1, batch_size=c.batch_size,
+                          seed=c.seed + 1 + epoch,  # a new order each epoch
+                          checkpoint_dir=ctx.workdir / "checkpoints" / f"qat_{epoch + 1}",
+                          mesh=ctx.mesh, writer=ctx.writer, eval_batch_size=c.eval_batch_size,
+                          log_every=c.log_every, checkpoint_every=c.checkpoint_every,
+                          stage=f"qat_{epoch + 1}")
+    kept = None if keep_budget is None else keep_budget(refit, state.params, quantized, prices)
+    if kept is None:
+      within = keep_budget is None
+      quantized = refit(state.params, quantized, prices)
+    else:
+      quantized, prices = kept
+    logging.info("qat epoch %d: codebooks re-fitted; prices per bit %s", epoch + 1,
+                 {path: f"{price:.3g}" for path, price in prices.items()})
+  return state.replace(apply_fn=apply_fn), quantized, within
