@@ -34,8 +34,9 @@ def get_config(variant: str = ""):
   elif variant == "fashion_mnist":
     pass
   elif variant == "obd_fashion_mnist":
-    # >= 40x: OBD pruning ranked over all layers, then a 42,000-byte file with each layer's
-    # k-means K or ECSQ price chosen for the least g^2-weighted distortion.
+    # >= 40x: OBD pruning (h = damped g^2) ranked over all layers, then a 42,000-byte file with
+    # each layer's k-means K or ECSQ price chosen for the least h-weighted distortion (biases
+    # clustered too), then 4 epochs of training through the codebooks (qat).
     c.dataset = "tfds:fashion_mnist"
     c.num_epochs = 15
     c.batch_size = 128
@@ -49,7 +50,13 @@ def get_config(variant: str = ""):
     c.prune.learning_rate = 1e-3
     c.prune.distill = 1.0
     c.quantize.budget_bytes = 42_000
-    c.finetune.epochs = 2
+    c.quantize.damping = 1.0
+    c.quantize.cluster_biases = True
+    c.qat.enabled = True
+    c.qat.epochs = 4
+    c.qat.learning_rate = 5e-4
+    c.qat.distill = 1.0
+    c.finetune.epochs = 0
     c.finetune.learning_rate = 2e-4
     c.finetune.distill = 1.0
   elif variant == "smoke":
