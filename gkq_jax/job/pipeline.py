@@ -66,13 +66,15 @@ class Context:
         warmup_steps=int(c.warmup_epochs * self.steps_per_epoch), momentum=c.momentum,
         weight_decay=c.weight_decay)
 
-  def train(self, state, epochs: int, stage: str, extra_loss=None):
-    """``epochs`` epochs of the config's training step from ``state`` as it is."""
+  def train(self, state, epochs: int, stage: str, extra_loss=None, seed=None):
+    """``epochs`` epochs of the config's training step from ``state`` as it is
+    (batches in the order of ``seed``, default the config's)."""
     c = self.config
     step = train_lib.make_train_step(augment=c.augment, cutout=c.cutout,
                                      label_smoothing=c.label_smoothing, extra_loss=extra_loss)
     return train_lib.fit(state, self.data, step, num_epochs=epochs, batch_size=c.batch_size,
-                         seed=c.seed, checkpoint_dir=self.workdir / "checkpoints" / stage,
+                         seed=c.seed if seed is None else seed,
+                         checkpoint_dir=self.workdir / "checkpoints" / stage,
                          mesh=self.mesh, writer=self.writer,
                          eval_batch_size=c.eval_batch_size, log_every=c.log_every,
                          checkpoint_every=c.checkpoint_every, stage=stage)

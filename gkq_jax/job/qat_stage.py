@@ -86,22 +86,16 @@ def run(ctx, state, quantized, importance, prices, masks, extra_loss=None, keep_
                                       batch_stats=state.batch_stats)
   jitted = jax.jit(gkq.reassign)
   refit = lambda params, q, prices: jitted(params, q, importance, prices=prices, masks=masks)
-  c = ctx.config
-  step = train_lib.make_train_step(augment=c.augment, cutout=c.cutout,
-                                   label_smoothing=c.label_smoothing, extra_loss=extra_loss)
   within = True
   for epoch in range(cfg.epochs):
     state = state.replace(apply_fn=_snapping_apply(apply_fn, quantized, importance, prices,
                                                    masks))
-    state = train_lib.fit(state, ctx.data, step, num_epochs=1, batch_size=c.batch_size,
-                          seed=c.seed + 1 + epoch,  # a new order each epoch
-                          checkpoint_dir=ctx.workdir / "checkpoints" / f"qat_{epoch + 1}",
-                          mesh=ctx.mesh, writer=ctx.writer, eval_batch_size=c.eval_batch_size,
-                          log_every=c.log_every, checkpoint_every=c.checkpoint_every,
-                          stage=f"qat_{epoch + 1}")
+    # One stage per epoch, each in a new batch order.
+    state = ctx.train(state, 1, f"qat_{epoch + 1}", extra_loss,
+                      seed=ctx.config.seed + 1 + epoch)
     kept = None if keep_budget is None else keep_budget(refit, state.params, quantized, prices)
+    within = keep_budget is None or kept is not None
     if kept is None:
-      within = keep_budget is None
       quantized = refit(state.params, quantized, prices)
     else:
       quantized, prices = kept
