@@ -7,24 +7,13 @@ import pytest
 
 import gkq_jax as gkq
 from gkq_jax.job import run as run_lib
-from tests.job.tiny import pipeline_config
+from tests.job.tiny import budget_config
 
 BUDGET = 9000
 
 
 def _config(**overrides):
-  c = pipeline_config(validation_size=200)
-  c.prune.method = "obd"
-  c.prune.sparsity = 0.75
-  c.prune.rounds = 2
-  c.quantize.budget_bytes = BUDGET
-  c.quantize.budget_clusters = (4, 8)
-  c.quantize.budget_points = 4
-  c.quantize.damping = 1.0
-  for key, value in overrides.items():
-    section, name = key.split("__")
-    setattr(getattr(c, section), name, value)
-  return c
+  return budget_config(BUDGET, **overrides)
 
 
 @pytest.fixture(scope="module")

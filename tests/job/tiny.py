@@ -28,6 +28,23 @@ def pipeline_config(**overrides):
   return c
 
 
+def budget_config(budget_bytes: int, **overrides):
+  """:func:`pipeline_config` with OBD to 75% in 2 rounds and a byte budget;
+  ``overrides`` as ``section__field=value`` (e.g. ``prune__sparsity=0.5``)."""
+  c = pipeline_config(validation_size=200)
+  c.prune.method = "obd"
+  c.prune.sparsity = 0.75
+  c.prune.rounds = 2
+  c.quantize.budget_bytes = budget_bytes
+  c.quantize.budget_clusters = (4, 8)
+  c.quantize.budget_points = 4
+  c.quantize.damping = 1.0
+  for key, value in overrides.items():
+    section, name = key.split("__")
+    setattr(getattr(c, section), name, value)
+  return c
+
+
 def kill_stage_after_one_epoch(monkeypatch, stage: str) -> None:
   """Makes the first ``fit`` of ``stage`` train (and checkpoint) one epoch, then
   die as a killed process would; later calls run normally."""
