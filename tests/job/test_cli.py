@@ -34,8 +34,8 @@ print(jax.device_count(), repr(losses))
 def test_data_parallel_over_four_devices_matches_one():
   outs = {}
   for n in (1, 4):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, text=True,
                          capture_output=True, check=True)
     devices, losses = out.stdout.strip().split(" ", 1)
