@@ -1,12 +1,26 @@
 """Fine-tuning on shared centroids, as an optax transformation.
 
-``share_centroids(q)`` maps each update of a clustered weight to the mean of
-its cluster's updates (the projection onto the weight-shared subspace) or to
-their sum (Deep Compression's centroid gradient, meant for plain SGD). Since
-every member of a cluster then moves by the same amount, weights that start on
-their shared values stay on them, bit for bit. Put it last in a chain:
+``share_centroids(q)`` moves every cluster of a clustered weight by the mean of
+its members' updates (the projection onto the weight-shared subspace) or by
+their sum (Deep Compression's centroid gradient, meant for plain SGD). Put it
+last in a chain and pass the params to ``update`` (``optax.chain``, Flax's
+``TrainState.apply_gradients`` and ``nnx.Optimizer`` all do)::
 
     tx = optax.chain(optax.sgd(lr, momentum=0.9), share_centroids(q))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+
+Sharing is exact by construction, not by floating-point luck: each cluster's
+new value is computed once (its current value plus the reduced update, rounded
+to the params' dtype) and every member's update is that value minus the
+member's weight. ``p + (c - p)`` involves no multiplication (so no fused
+multiply-add can round one member differently from another), and members
+holding the same ``p`` get the same result whatever the compiler vectorises.
+A member that left its cluster's value (a step taken without this
+transformation) is pulled back onto it at the next step. The updates of the
+older ``mean(u)[cluster]`` form relied on ``p + u`` rounding identically for
+every member, which XLA's CPU code does not promise (issue 20: one ulp of drift
+per step on AVX-512 machines).
 
 Composes with ``optax.masked`` and :func:`gkq_jax.prune.keep_pruned`; a pruned
 weight (the pinned zero centroid) never moves.
@@ -96,6 +110,7 @@ class ShareCentroidsState(NamedTuple):
   # One entry per clustered leaf of q, in q's order.
   segments: tuple  # per weight: its cluster id (int32)
   scale: tuple  # per cluster: 1/size ("mean") or 1 ("sum"); 0 for a pinned zero
+  first: tuple  # per cluster: flat position of one member, whose value is the cluster's
 
 
 def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTransformation:
@@ -122,10 +137,13 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
     if leaf.pinned_zero and leaf.vector_shape is None:
       # Index 0 of every codebook row is the exact zero of pruned weights.
       scale = scale.at[::leaf.codebook.shape[-1]].set(0.0)
-    return seg, scale
+    positions = jnp.arange(seg.size, dtype=jnp.int32)
+    first = jax.ops.segment_min(positions, seg.reshape(-1), n)
+    first = jnp.minimum(first, seg.size - 1)  # an empty cluster's sentinel; never gathered
+    return seg, scale, first
 
-  pairs = [leaf_state(leaf) for _, leaf in clusters.values()]
-  state = ShareCentroidsState(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+  triples = [leaf_state(leaf) for _, leaf in clusters.values()]
+  state = ShareCentroidsState(*(tuple(t[i] for t in triples) for i in range(3)))
 
   def init_fn(params):
     _check_covers(clusters, _leaves_by_key(params, is_leaf=_is_masked), "params",
@@ -133,21 +151,45 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
     return state
 
   def update_fn(updates, state, params=None):
-    del params
+    if params is None:
+      raise ValueError(
+          "share_centroids needs the params in update: call tx.update(grads, opt_state, "
+          "params) (optax.chain, TrainState.apply_gradients and nnx.Optimizer do). Each "
+          "cluster's new shared value is computed from the params, so that every member "
+          "lands on it exactly.")
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_masked)
     _check_covers(clusters, {path_keys(p): u for p, u in flat}, "updates", "share_centroids")
+    param_by_key = _leaves_by_key(params, is_leaf=_is_masked)
     out = []
     for path, u in flat:
-      slot = slots.get(path_keys(path))
+      key = path_keys(path)
+      slot = slots.get(key)
       if slot is None or _is_masked(u):
         out.append(u)
         continue
-      seg, scale = state.segments[slot], state.scale[slot]
-      total = jax.ops.segment_sum(u.reshape(-1), seg.reshape(-1), scale.shape[0])
-      out.append((total * scale)[seg].astype(u.dtype))
+      out.append(_shared_update(u, param_by_key[key], state.segments[slot],
+                                state.scale[slot], state.first[slot]))
     return treedef.unflatten(out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _shared_update(u: jax.Array, p: jax.Array, seg: jax.Array, scale: jax.Array,
+                   first: jax.Array) -> jax.Array:
+  """The update that puts every member of a cluster on the cluster's new value.
+
+  The new values are computed once per cluster (value of one member + reduced
+  update, rounded to the params' dtype); the barrier keeps XLA from recomputing
+  them per member, where a fused multiply-add could round one member apart.
+  """
+  p = jnp.asarray(p)
+  seg = seg.reshape(-1)
+  total = jax.ops.segment_sum(u.reshape(-1).astype(jnp.float32), seg, scale.shape[0])
+  current = p.reshape(-1)[first].astype(jnp.float32)
+  moved = jax.lax.optimization_barrier((current + total * scale).astype(p.dtype))
+  work = jnp.promote_types(jnp.promote_types(p.dtype, u.dtype), jnp.float32)
+  step = moved[seg].astype(work) - p.reshape(-1).astype(work)
+  return step.reshape(u.shape).astype(u.dtype)
 
 
 def refresh_codebooks(quantized: Any, params: Any) -> Any:

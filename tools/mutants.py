@@ -111,6 +111,13 @@ MUTANTS = (
            "    return updates, KeepPrunedState(",
            ("tests/library/test_prune.py::"
             "test_keep_pruned_zeroes_what_the_inner_optimiser_adds",)),
+    Mutant("share-plain-p-plus-u",
+           "members of a cluster land on one value by construction (issue 20)",
+           "gkq_jax/share.py",
+           "  step = moved[seg].astype(work) - p.reshape(-1).astype(work)\n",
+           "  step = (total * scale)[seg].astype(work)\n",
+           ("tests/library/test_share_exact.py::"
+            "test_a_member_knocked_one_ulp_off_its_value_is_pulled_back",)),
     Mutant("vector-points-reshaped",
            "granularity='vector' clusters the spatial filters",
            "gkq_jax/_vectors.py",

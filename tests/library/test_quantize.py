@@ -325,7 +325,7 @@ def test_group_size_leaves_save_load_and_share(grouped_channels, tmp_path):
   tx = gkq.share_centroids(quantized)
   grads = jax.tree.map(lambda a: jnp.sin(jnp.arange(a.size, dtype=jnp.float32)).reshape(a.shape),
                        dense)
-  updates, _ = tx.update(grads, tx.init(dense))
+  updates, _ = tx.update(grads, tx.init(dense), dense)
   step = np.asarray(updates["dense"]["kernel"])
   grad = np.asarray(grads["dense"]["kernel"])
   idx = np.asarray(quantized["dense"]["kernel"].indices)

@@ -26,7 +26,7 @@ def test_share_centroids_mean_and_sum():
   grads = {"w": jnp.array([[1.0, 2.0], [4.0, 8.0]])}
   for reduce, expected in (("mean", [[1.0, 3.0], [3.0, 8.0]]), ("sum", [[1.0, 6.0], [6.0, 8.0]])):
     tx = share.share_centroids(q, reduce)
-    out, _ = tx.update(grads, tx.init(params))
+    out, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(out["w"], expected)
   with pytest.raises(ValueError, match="reduce='median'"):
     share.share_centroids(q, "median")
@@ -77,7 +77,7 @@ def test_share_composes_with_optax_masked():
   q = gkq.quantize(params, None, [gkq.ClusterRule("a|b", 2, min_ndim=1)])
   tx = optax.masked(share.share_centroids(q), {"a": True, "b": False})
   grads = {"a": jnp.array([1.0, 3.0, 5.0]), "b": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
-  out, _ = tx.update(grads, tx.init(params))
+  out, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(out["a"], [2.0, 2.0, 5.0])
   np.testing.assert_allclose(out["b"], grads["b"])
 

@@ -118,6 +118,6 @@ def test_filters_stay_shared_under_random_updates():
   p, state = gkq.dequantize(q), tx.init(params)
   for _ in range(2):
     noise = {"kernel": jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)}
-    updates, state = tx.update(noise, state)
+    updates, state = tx.update(noise, state, p)
     p = optax.apply_updates(p, updates)
   assert len(np.unique(_rows(np.asarray(p["kernel"]), "vector"), axis=0)) <= 3
