@@ -33,8 +33,9 @@ from gkq_jax.qat import (batchnorm_scale, binary_codebook, binary_codebooks, bin
                          fake_binarize, fake_quantize, uniform_codebook, uniform_codebooks,
                          uniform_fake_quant)
 from gkq_jax.reassign import fake_reassign, reassign
-from gkq_jax.quantize import (GRANULARITIES, ClusteredArray, clustered_leaves, dequantize,
-                              is_clustered, quantize)
+from gkq_jax.axes import LeafAxes, layer_axes
+from gkq_jax.clustered import ClusteredArray, clustered_leaves, dequantize, is_clustered
+from gkq_jax.quantize import GRANULARITIES, quantize
 from gkq_jax.rules import (DEFAULT_RULES, ClusterRule, bits_rule, check_rules, clusters_for,
                            selected_leaves)
 from gkq_jax.share import codebook_params, refresh_codebooks, replace_codebooks, share_centroids
@@ -67,4 +68,5 @@ __all__ = [
     "PackedArray", "is_packed", "pack", "pack_indices", "pack_tree", "unpack", "unpack_indices",
     "unpack_tree", "apply_packed", "merge_packed", "lut_matmul", "lut_matmul_reference",
     "lut_unsupported", "cluster_per_channel", "stream_per_channel", "fake_reassign", "reassign",
+    "LeafAxes", "layer_axes",
 ]

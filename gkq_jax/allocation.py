@@ -30,7 +30,7 @@ from gkq_jax import huffman
 from gkq_jax import rules as rules_lib
 from gkq_jax._paths import named_leaves
 from gkq_jax.kmeans1d import grouped_kmeans_1d
-from gkq_jax.quantize import ClusteredArray
+from gkq_jax.clustered import ClusteredArray
 
 METHODS = ("kmeans", "ecsq", "uniform")
 ALLOCATIONS = ("optimal", "same")

@@ -18,32 +18,37 @@ model stream in layer by layer and be written out as it goes.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 
 from gkq_jax.kmeans1d import grouped_kmeans_1d
-from gkq_jax.quantize import ClusteredArray
+from gkq_jax.clustered import ClusteredArray
 
 DEFAULT_CHUNK_VALUES = 1 << 22
 
 
-def _as_matrix(name: str, array, what: str):
+def _as_matrix(name: str, array, what: str, channel_axes: int = 1):
   array = jnp.asarray(array)
-  if array.ndim < 2:
-    raise ValueError(f"{name}: {what} must have at least 2 axes (inputs..., output channels), "
-                     f"got shape {array.shape}.")
-  return array.reshape(-1, array.shape[-1])
+  if not isinstance(channel_axes, int) or channel_axes < 1:
+    raise ValueError(f"{name}: channel_axes must be a positive int, got {channel_axes!r}.")
+  if array.ndim < channel_axes + 1:
+    raise ValueError(f"{name}: {what} must have at least {channel_axes + 1} axes (inputs..., "
+                     f"{channel_axes} output axis/axes), got shape {array.shape}.")
+  return array.reshape(-1, math.prod(array.shape[array.ndim - channel_axes:]))
 
 
 def cluster_per_channel(weight, importance=None, num_clusters: int = 16, *,
                         chunk_values: int = DEFAULT_CHUNK_VALUES, name: str = "weight",
-                        **options) -> ClusteredArray:
-  """One codebook per output channel (last axis) of ``weight``.
+                        channel_axes: int = 1, **options) -> ClusteredArray:
+  """One codebook per output channel (the last ``channel_axes`` axes) of ``weight``.
 
   Args:
-    weight: (..., N) array; channel n is ``weight[..., n]``.
+    weight: (..., N) array; channel n is ``weight[..., n]`` (with
+      ``channel_axes=2``, a (d, heads, head_dim) kernel has heads x head_dim
+      channels; see :mod:`gkq_jax.axes`).
     importance: non-negative array of the same shape (e.g. the Fisher
       diagonal, mean g^2) or None for plain k-means.
     num_clusters: K, the codebook size of every channel.
@@ -58,11 +63,11 @@ def cluster_per_channel(weight, importance=None, num_clusters: int = 16, *,
     A :class:`ClusteredArray` with codebook (N, K) and uint8 (K <= 256)
     indices of ``weight``'s shape, as ``quantize(..., granularity="channel")``.
   """
-  w = _as_matrix(name, weight, "weight")
+  w = _as_matrix(name, weight, "weight", channel_axes)
   rows, channels = w.shape
   h = None
   if importance is not None:
-    h = _as_matrix(name, importance, "importance")
+    h = _as_matrix(name, importance, "importance", channel_axes)
     if h.shape != w.shape:
       raise ValueError(f"{name}: importance has shape {jnp.shape(importance)}, the weight "
                        f"{jnp.shape(weight)}; they must match.")

@@ -38,7 +38,7 @@ from flax import nnx
 
 from gkq_jax import huffman
 from gkq_jax._paths import path_keys
-from gkq_jax.quantize import ClusteredArray, is_clustered
+from gkq_jax.clustered import ClusteredArray, is_clustered
 
 MAGIC = b"GKQJAX\0"
 FORMAT_VERSION = 2
@@ -165,8 +165,9 @@ def _leaf_entry(name: str, leaf, sections: _Sections) -> dict:
     book = np.asarray(leaf.codebook, np.float32)
     idx = np.asarray(leaf.indices).reshape(-1).astype(np.int64)
     k = book.shape[0] if leaf.vector_shape else book.shape[-1]
+    stacked = {"stacked": int(leaf.stacked)} if leaf.stacked else {}  # older files: none
     return {
-        "path": name, "kind": "clustered", "index_shape": list(leaf.indices.shape),
+        **stacked, "path": name, "kind": "clustered", "index_shape": list(leaf.indices.shape),
         "index_dtype": str(np.asarray(leaf.indices).dtype),
         "codebook_shape": list(book.shape), "codebook": sections.add(book.tobytes()),
         "vector_shape": list(leaf.vector_shape) if leaf.vector_shape else None,
@@ -287,7 +288,8 @@ def _leaf_from_entry(entry: dict, section):
   return ClusteredArray(jax.numpy.asarray(book),
                         jax.numpy.asarray(idx.astype(entry["index_dtype"]).reshape(
                             entry["index_shape"])), vector, entry["pinned_zero"],
-                        entry.get("vector_axis", 0), np.dtype(entry.get("dtype", "float32")))
+                        entry.get("vector_axis", 0), np.dtype(entry.get("dtype", "float32")),
+                        int(entry.get("stacked", 0)))
 
 
 def _nested_by_path(entries: list[dict], leaves: list) -> dict:

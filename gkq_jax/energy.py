@@ -45,7 +45,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from gkq_jax._paths import named_leaves
-from gkq_jax.quantize import is_clustered
+from gkq_jax.clustered import is_clustered
 
 _ACTIVATION = -1  # mark of values computed from the input (not from a parameter)
 _MAC_PRIMITIVES = ("dot_general", "conv_general_dilated")

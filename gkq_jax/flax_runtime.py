@@ -20,11 +20,18 @@ Pallas lookup-table kernel (:mod:`gkq_jax.lut_kernel`) when ``kernel="lut"``
 (the default on a GPU); a layer the kernel cannot run falls back to the XLA
 path with a warning that names it.
 
+Stacks of layers (``nn.scan`` / ``nn.vmap`` over ``params`` axis 0) run from
+packed weights when they were quantized with their stacked axis as layers
+(:mod:`gkq_jax.axes`): the stack is packed layer by layer, the transform hands
+each step its own layer's bytes and codebook, and the step dequantizes only
+that slice.
+
 Limits, each a clear error or a named fallback: a module that reads a packed
 weight as an array in some other way (``.T``, ``@``, ...) gets the dense
-weight there, with a warning naming it; a packed weight scanned or vmapped by
-``nn.scan`` / ``nn.vmap`` is an error (pass it in ``dense=``); a packed tree
-whose shapes do not fit the model fails in flax's own shape check.
+weight there, with a warning naming it; a packed weight split by ``nn.scan`` /
+``nn.vmap`` that was clustered as one array (or split along another axis) is
+an error (quantize it per layer, or pass it in ``dense=``); a packed tree whose
+shapes do not fit the model fails in flax's own shape check.
 """
 
 from __future__ import annotations
@@ -85,13 +92,18 @@ def _layer_input(args):
 def _after(array, x):
   """``array`` itself, but computable only once ``x`` exists.
 
-  The start row ``min(int(x[0]), 0)`` is at most 0 and dynamic_slice clamps it to
-  0, so the value never changes; XLA cannot know that, so it must wait for x.
-  (An optimization barrier does not survive XLA's CPU pipeline.)
+  A slice of ``array`` padded by one row, of ``array``'s length, starting at
+  ``min(int(x[0]), 0)``: with negative starts passed to XLA as they are
+  (``allow_negative_indices=False``), XLA clamps every start into [0, 1], and a
+  start at most 0 becomes 0 whatever ``x`` holds (NaN, inf, any sign), so the
+  value never depends on the data. XLA cannot know that, so it must wait for
+  ``x``. (JAX's default wraps a negative start like a Python index: -1 read
+  the rows rotated by one, issue 26. An optimization barrier does not survive
+  XLA's CPU pipeline.)
   """
   start = jnp.minimum(lax.convert_element_type(jnp.ravel(x)[0], jnp.int32), 0)
   padded = jnp.concatenate([array, array[:1]])
-  return lax.dynamic_slice_in_dim(padded, start, array.shape[0])
+  return lax.dynamic_slice_in_dim(padded, start, array.shape[0], allow_negative_indices=False)
 
 
 def _array_attributes() -> frozenset:
@@ -194,15 +206,24 @@ class PackedParam(flax.struct.PyTreeNode, meta.AxisMetadata):
                      "apply_packed / merge_packed cannot update them.")
 
   def add_axis(self, index, params):
-    raise self._scan_error()
+    return self  # the transform stacked the arrays back; the depth is read off them
 
   def remove_axis(self, index, params):
-    raise self._scan_error()
+    # nn.scan / nn.vmap slice the arrays' leading axis; a stack packed layer by layer
+    # (a ClusteredArray with stacked axes) is laid out for exactly that.
+    if index != 0 or not self.array.stacked:
+      raise self._scan_error(index)
+    return self
 
-  def _scan_error(self):
-    return ValueError(f"{self.name} is split along an axis by nn.scan / nn.vmap, which packed "
-                      "bytes do not follow; run it from its dense weight with "
-                      f"dense=({re.escape(self.name)!r},).")
+  def _scan_error(self, index):
+    if index != 0:
+      why = (f"along axis {index}; packed stacks are split along their leading axis "
+             "(variable_axes={'params': 0})")
+    else:
+      why = ("but it was clustered as one array; quantize it with its stacked axis as layers "
+             "(quantize(..., axes=gkq.layer_axes(model, x)) or a rule's stacked_axes=1)")
+    return ValueError(f"{self.name} is split by nn.scan / nn.vmap {why}, or run it from its "
+                      f"dense weight with dense=({re.escape(self.name)!r},).")
 
 
 def _box(tree: Any, dense: Sequence[str]) -> Any:
@@ -374,8 +395,9 @@ def _check_kernel_shape(path, module: nnx.Module) -> None:
   kernel = getattr(module, "kernel", None)
   if not isinstance(kernel, nnx.Variable) or not isinstance(kernel.get_raw_value(), PackedParam):
     return
-  expected, got = _expected_kernel_shape(module), kernel.get_raw_value().shape
-  if expected is not None and tuple(got) != expected:
+  box = kernel.get_raw_value()
+  expected, got = _expected_kernel_shape(module), box.shape
+  if expected is not None and tuple(got)[box.array.stacked:] != expected:  # a stack: per layer
     name = "/".join(str(p) for p in path) or type(module).__name__
     raise ValueError(f"{name}/kernel: the packed weight has shape {tuple(got)}, the "
                      f"{type(module).__name__} expects {expected}; is this packed state from "

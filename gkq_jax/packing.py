@@ -14,6 +14,14 @@ therefore yields 8 contiguous slabs of rows, which a matmul can consume against
 8 slices of its input with no shuffle (the lookup-table kernel does). With 5 to
 8 bits every index takes one byte, with 9 to 16 two. The packed bytes are a
 ``uint8`` array of shape (bytes per word, G, N).
+
+A stack of layers (a ClusteredArray with ``stacked`` leading axes, an
+``nn.scan`` kernel) is packed layer by layer: the bytes are (*stack, bytes per
+word, G, N), the codebook (*stack, ...) with each layer's own codebook, and
+``index_shape`` one layer's. Slicing the leading axis of both arrays (as
+``lax.scan`` does to the variables of a scanned layer) gives the PackedArray
+of one layer, which is why the stack's depth is read off the arrays rather
+than stored.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import numpy as np
 
 from gkq_jax._clustering import is_traced
 from gkq_jax._paths import map_with_paths
-from gkq_jax.quantize import ClusteredArray, is_clustered
+from gkq_jax.clustered import ClusteredArray, is_clustered
 
 MAX_BITS = 16
 _SLABS = 8  # indices per word at 1..4 bits
@@ -129,12 +137,14 @@ def _unpack(packed, bits, shape, dtype):
 
 
 def _static_fields() -> tuple[str, ...]:
-  """ClusteredArray's metadata fields (not pytree children), carried through packing as they are."""
+  """ClusteredArray's metadata fields (not pytree children), carried through packing as they
+  are; ``stacked`` is read off the packed arrays instead (see the module docstring)."""
   fields = dataclasses.fields(ClusteredArray)
   children = tuple(f.name for f in fields if f.metadata.get("pytree_node", True))
   if children != ("codebook", "indices"):
     raise TypeError(f"packing knows ClusteredArray(codebook, indices), found {children}.")
-  return tuple(f.name for f in fields if not f.metadata.get("pytree_node", True))
+  return tuple(f.name for f in fields
+               if not f.metadata.get("pytree_node", True) and f.name != "stacked")
 
 
 @flax.struct.dataclass
@@ -142,8 +152,9 @@ class PackedArray:
   """A :class:`ClusteredArray` whose indices are packed at ``bits`` bits each.
 
   ``codebook`` is the ClusteredArray's, ``packed`` the uint8 bytes laid out as
-  the module docstring says, ``index_shape`` the shape of the indices and
-  ``clustered`` the ClusteredArray's metadata fields as (name, value) pairs.
+  the module docstring says, ``index_shape`` the shape of the indices (of one
+  layer, for a stack) and ``clustered`` the ClusteredArray's metadata fields
+  as (name, value) pairs.
   """
 
   codebook: jax.Array
@@ -161,8 +172,15 @@ class PackedArray:
     return dict(self.clustered).get("vector_shape")
 
   @property
+  def stacked(self) -> int:
+    """Leading axes of the arrays that stack layers (0: one layer)."""
+    return self.packed.ndim - 3
+
+  @property
   def shape(self) -> tuple:
     """Shape of the dense array (the ClusteredArray's, whatever its layout)."""
+    if self.stacked:
+      return tuple(self.packed.shape[:self.stacked]) + tuple(self.index_shape)
     spec = jax.ShapeDtypeStruct(tuple(self.index_shape), jnp.uint8)
     return tuple(ClusteredArray(self.codebook, spec, **dict(self.clustered)).shape)
 
@@ -176,11 +194,19 @@ class PackedArray:
     return int(self.codebook.size * self.codebook.dtype.itemsize + self.packed.size)
 
   def indices(self) -> jax.Array:
-    return unpack_indices(self.packed, self.bits, self.index_shape,
-                          jnp.uint8 if self.num_clusters <= 256 else jnp.uint16)
+    dtype = jnp.uint8 if self.num_clusters <= 256 else jnp.uint16
+    if not self.stacked:
+      return unpack_indices(self.packed, self.bits, self.index_shape, dtype)
+    lead = tuple(self.packed.shape[:self.stacked])
+    layers = self.packed.reshape((-1,) + self.packed.shape[self.stacked:])
+    one = lambda p: unpack_indices(p, self.bits, self.index_shape, dtype)  # noqa: E731
+    return jax.vmap(one)(layers).reshape(lead + tuple(self.index_shape))
 
   def to_clustered(self) -> ClusteredArray:
-    return ClusteredArray(self.codebook, self.indices(), **dict(self.clustered))
+    book = self.codebook
+    if self.stacked:  # (*stack, [R,] C, k) -> (layers x R, C, k)
+      book = book.reshape((-1,) + book.shape[-2:])
+    return ClusteredArray(book, self.indices(), **dict(self.clustered), stacked=self.stacked)
 
   def dequantize(self) -> jax.Array:
     return self.to_clustered().dequantize()
@@ -204,8 +230,15 @@ def pack(clustered: ClusteredArray, bits: int | None = None, *, name: str = "arr
     raise ValueError(f"{name} has {k} clusters, which need {need} bits; got bits={bits}. "
                      f"Pack with bits >= {need} (or None for the fewest).")
   indices = jnp.asarray(clustered.indices)
-  return PackedArray(clustered.codebook, pack_indices(indices, bits), tuple(indices.shape), bits,
-                     tuple((f, getattr(clustered, f)) for f in fields))
+  meta = tuple((f, getattr(clustered, f)) for f in fields)
+  if not clustered.stacked:
+    return PackedArray(clustered.codebook, pack_indices(indices, bits), tuple(indices.shape),
+                       bits, meta)
+  lead, one = indices.shape[:clustered.stacked], indices.shape[clustered.stacked:]
+  _check_indices(indices, bits)
+  packed = jax.vmap(lambda i: _pack(i, bits))(indices.reshape((-1,) + one))
+  return PackedArray(clustered.layer_codebooks(), packed.reshape(lead + packed.shape[1:]),
+                     tuple(one), bits, meta)
 
 
 def unpack(packed: PackedArray) -> ClusteredArray:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from gkq_jax._paths import map_with_paths
-from gkq_jax.quantize import ClusteredArray
+from gkq_jax.clustered import ClusteredArray
 
 KERNELS = r"(^|/)kernel$"
 

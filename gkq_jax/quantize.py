@@ -7,11 +7,18 @@ All scalar groups of a model go through one compiled call.
 
 Granularities:
   * ``"layer"``: one codebook per parameter (Deep Compression).
-  * ``"channel"``: one codebook per output channel (last axis), as SqueezeLLM
-    and tfmot's per-channel clustering. With ``group_size`` (per grouped
-    channel, as coremltools' per_grouped_channel): the leaf is read as a
-    (fan_in, C) matrix (all axes but the last are the input rows) and each
-    codebook serves ``group_size`` consecutive input rows of one output channel.
+  * ``"channel"``: one codebook per output channel, as SqueezeLLM and tfmot's
+    per-channel clustering. The output channels are the layer's output
+    features: the last axis, or the trailing ``channels`` axes that
+    :mod:`gkq_jax.axes` says (all of a DenseGeneral's ``features``). With
+    ``group_size`` (per grouped channel, as coremltools' per_grouped_channel):
+    the leaf is read as a (fan_in, C) matrix (the other axes are the input
+    rows) and each codebook serves ``group_size`` consecutive input rows of one
+    output channel.
+
+Stacked layers (``nn.scan`` kernels, :mod:`gkq_jax.axes`): with "layer" and
+"channel", each layer's slice is clustered on its own, as the unscanned layer
+would be; the other granularities refuse stacked leaves.
   * ``"model"``: one codebook shared by every selected parameter (Choi et al.);
     it has the largest number of clusters among the matching rules.
   * ``"combined"``: a global budget of centroids (default: the sum of the
@@ -28,9 +35,8 @@ Granularities:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,86 +45,13 @@ from gkq_jax import _vectors
 from gkq_jax import rules as rules_lib
 from gkq_jax._clustering import check_finite, check_nonnegative
 from gkq_jax._paths import named_leaves
+from gkq_jax.axes import LeafAxes, axes_for
+from gkq_jax.clustered import (ClusteredArray, clustered_leaves, dequantize, index_dtype,
+                               is_clustered)
 from gkq_jax.kmeans1d import grouped_kmeans_1d
 from gkq_jax.kmeans_vectors import kmeans_vectors
 
 GRANULARITIES = ("layer", "channel", "model", "combined", "vector", "row")
-
-
-@flax.struct.dataclass
-class ClusteredArray:
-  """A weight-shared array.
-
-  Scalar layouts: ``codebook`` is (C, k), C = 1 or the number of output
-  channels (last axis), and ``indices`` has the original shape; per grouped
-  channel it is (R, C, k): codebook [r, c] serves input rows r*fan_in/R ..
-  (r+1)*fan_in/R - 1 of channel c (fan_in = size / C).
-  Vector layout (``vector_shape`` set): ``codebook`` is (k, prod(vector_shape)),
-  ``indices`` has the non-vector axes, and the vector axes sit at
-  ``vector_axis`` of the original (0: leading, whole filters; the last spatial
-  axis for kernel rows).
-  The codebook is float32; ``dtype`` is the dense array's (a bfloat16 kernel
-  dequantizes to bfloat16).
-  """
-
-  codebook: jax.Array
-  indices: jax.Array
-  vector_shape: tuple = flax.struct.field(pytree_node=False, default=None)
-  # Index 0 is an exact zero reserved for pruned weights (codebook[..., 0] == 0).
-  pinned_zero: bool = flax.struct.field(pytree_node=False, default=False)
-  vector_axis: int = flax.struct.field(pytree_node=False, default=0)
-  dtype: np.dtype = flax.struct.field(pytree_node=False, default=np.dtype("float32"))
-
-  @property
-  def shape(self):
-    if self.vector_shape is None:
-      return self.indices.shape
-    rest = tuple(self.indices.shape)
-    return rest[:self.vector_axis] + tuple(self.vector_shape) + rest[self.vector_axis:]
-
-  @property
-  def num_clusters(self) -> int:
-    return self.codebook.shape[0] if self.vector_shape else self.codebook.shape[-1]
-
-  def dequantize(self) -> jax.Array:
-    idx = self.indices.astype(jnp.int32)
-    if self.vector_shape is not None:
-      vectors = self.codebook[idx]  # (*rest, d)
-      dense = _vectors.from_vectors(vectors, self.vector_axis, self.vector_shape)
-    elif self.codebook.ndim == 3:
-      dense = self.codebook.reshape(-1)[self.codebook_rows() * self.codebook.shape[-1] + idx]
-    elif self.codebook.shape[0] == 1:
-      dense = self.codebook[0][idx]
-    else:
-      C, k = self.codebook.shape
-      dense = self.codebook.reshape(-1)[idx + jnp.arange(C, dtype=jnp.int32) * k]
-    return dense.astype(self.dtype)
-
-  def codebook_rows(self) -> jax.Array:
-    """Scalar layouts: the row of ``codebook.reshape(-1, k)`` that serves each
-    weight (an int32 array of ``indices``' shape)."""
-    C = self.indices.shape[-1] if self.indices.ndim else 1
-    fan_in = self.indices.size // C
-    groups = self.codebook.shape[0] if self.codebook.ndim == 3 else 1
-    channels = self.codebook.shape[-2]
-    row = jnp.arange(fan_in, dtype=jnp.int32)[:, None] // (fan_in // groups) * channels
-    column = jnp.arange(C, dtype=jnp.int32)[None, :] * int(channels > 1)
-    return (row + column).reshape(self.indices.shape)
-
-
-def is_clustered(x) -> bool:
-  """True for a ClusteredArray leaf (an ``is_leaf`` for tree maps over quantized trees)."""
-  return isinstance(x, ClusteredArray)
-
-
-def _index_dtype(num_clusters: int):
-  return jnp.uint8 if num_clusters <= 256 else jnp.uint16
-
-
-def dequantize(tree: Any) -> Any:
-  """Replaces every :class:`ClusteredArray` by its dense array."""
-  return jax.tree.map(lambda x: x.dequantize() if is_clustered(x) else x, tree,
-                      is_leaf=is_clustered)
 
 
 def _combined_budget(sizes: Sequence[int], ks: Sequence[int], budget: int | None):
@@ -132,7 +65,8 @@ def quantize(params: Any, importance: Any = None,
              rules: Sequence[rules_lib.ClusterRule] = rules_lib.DEFAULT_RULES, *,
              granularity: str = "layer", budget: int | None = None, key=None,
              masks: Any = None, budget_bytes: float | None = None,
-             group_size: int | None = None, **cluster_options) -> Any:
+             group_size: int | None = None, axes: Mapping[str, LeafAxes] | None = None,
+             **cluster_options) -> Any:
   """Clusters the selected leaves of ``params``.
 
   Args:
@@ -156,7 +90,13 @@ def quantize(params: Any, importance: Any = None,
     key: PRNG key for random initialisations.
     group_size: with granularity="channel", one codebook per ``group_size``
       consecutive input rows of each output channel (the leaf read as a
-      (fan_in, C) matrix; it must divide every selected leaf's fan_in).
+      (fan_in, C) matrix; it must divide every selected leaf's fan_in, per
+      layer of a stack).
+    axes: {path: :class:`gkq_jax.LeafAxes`}, e.g. from
+      :func:`gkq_jax.layer_axes`: which trailing axes are each layer's output
+      channels and which leading axes stack layers (a rule's
+      ``channel_axes`` / ``stacked_axes`` override it). Paths match the end of
+      this tree's paths. Default: the last axis, no stack.
     **cluster_options: passed to :func:`gkq_jax.grouped_kmeans_1d` (method,
       init, objective, max_iter, tol, bins, ...) or, for "vector", to
       :func:`gkq_jax.kmeans_vectors` (init, max_iter, tol).
@@ -189,8 +129,10 @@ def quantize(params: Any, importance: Any = None,
       if imp is not None and jnp.shape(imp) != jnp.shape(leaf):
         raise ValueError(f"importance of {path} has shape {jnp.shape(imp)}, "
                          f"the parameter {jnp.shape(leaf)}.")
-  ks = [rules_lib.clusters_for(rules, p, leaf) if _is_float(leaf) else 0
-        for p, leaf in zip(paths, leaves)]
+  layouts = [axes_for(p, jnp.shape(leaf), rules_lib.rule_for(rules, p), axes)
+             for p, leaf in zip(paths, leaves)]
+  ks = [_clusters(rules, p, leaf, lay) if _is_float(leaf) else 0
+        for p, leaf, lay in zip(paths, leaves, layouts)]
   masks = [None] * len(leaves) if masks is None else jax.tree_util.tree_leaves(masks)
   if len(masks) != len(leaves):
     raise ValueError("masks must have the same tree structure as params.")
@@ -201,7 +143,8 @@ def quantize(params: Any, importance: Any = None,
                      "(non-floating-point leaves are never clustered).")
   for i in chosen:
     _check_leaf(paths[i], leaves[i], imps[i], granularity)
-    _check_group_divides(paths[i], jnp.shape(leaves[i]), group_size)
+    _check_axes(paths[i], layouts[i], granularity)
+    _check_group_divides(paths[i], jnp.shape(leaves[i]), group_size, layouts[i])
   key = jax.random.PRNGKey(0) if key is None else key
   out = list(leaves)
   if granularity in _vectors.VECTOR_LAYOUTS:
@@ -212,11 +155,26 @@ def quantize(params: Any, importance: Any = None,
     for i, clustered in zip(chosen, _cluster_scalars(
         [leaves[i] for i in chosen], [imps[i] for i in chosen], [ks[i] for i in chosen],
         [masks[i] for i in chosen], [paths[i] for i in chosen], granularity, budget, key,
-        cluster_options, group_size)):
+        cluster_options, group_size, [layouts[i] for i in chosen])):
       out[i] = clustered
   for i in chosen:  # the codebook stays float32; dequantize gives the leaf's dtype back
     out[i] = out[i].replace(dtype=np.dtype(jnp.result_type(leaves[i])))
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _clusters(rules, path, leaf, layout: LeafAxes) -> int:
+  """The rule's K, with min_ndim counted per layer of a stack."""
+  rule = rules_lib.rule_for(rules, path)
+  if rule is None or jnp.ndim(leaf) - layout.stacked < rule.min_ndim:
+    return 0
+  return rule.num_clusters
+
+
+def _check_axes(path, layout: LeafAxes, granularity) -> None:
+  if layout.stacked and granularity not in ("layer", "channel"):
+    raise ValueError(f"{path} stacks {layout.stacked} axis/axes of layers, which "
+                     f"granularity={granularity!r} does not split; use 'layer' or 'channel', "
+                     "or set stacked_axes=0 in its rule to cluster the stack as one array.")
 
 
 def _is_float(leaf) -> bool:
@@ -261,41 +219,51 @@ def _check_group_size(group_size, granularity) -> None:
                      f"granularity='channel', got {granularity!r}.")
 
 
-def _check_group_divides(path, shape, group_size) -> None:
+def _matrix(shape, layout: LeafAxes, granularity) -> tuple[int, int, int]:
+  """(layers, input rows per layer, channels) of a leaf read as a stack of matrices."""
+  shape = tuple(int(s) for s in shape)
+  layers = int(np.prod(shape[:layout.stacked]))
+  channels = int(np.prod(shape[len(shape) - layout.channels:])) if granularity == "channel" else 1
+  size = int(np.prod(shape))
+  return layers, size // max(layers * channels, 1), channels
+
+
+def _check_group_divides(path, shape, group_size, layout: LeafAxes) -> None:
   if group_size is None:
     return
-  fan_in = int(np.prod(shape[:-1]))
+  _, fan_in, channels = _matrix(shape, layout, "channel")
   if fan_in % group_size:
     raise ValueError(f"group_size={group_size} does not divide the {fan_in} input rows of "
-                     f"{path} (shape {shape}, read as ({fan_in}, {shape[-1]})); choose a "
-                     "divisor or leave this leaf out of the rules.")
+                     f"{path} (shape {shape}, read as ({fan_in}, {channels})"
+                     f"{' per layer' if layout.stacked else ''}); choose a divisor or leave "
+                     "this leaf out of the rules.")
 
 
-def _scalar_layout(shape, mask, granularity, group_size=None):
+def _scalar_layout(shape, mask, granularity, group_size=None, layout=LeafAxes()):
   """Positions (into the flat dense leaf) to cluster, grouped row after row,
-  and the size of each row (one row per codebook)."""
+  the size of each row (one row per codebook) and the codebook's shape
+  prefix: (C,) or (R, C) for R = layers x row groups > 1."""
+  layers, fan_in, channels = _matrix(shape, layout, granularity)
+  per_layer = fan_in // group_size if group_size is not None else 1
   size = int(np.prod(shape))
-  if group_size is not None:  # codebook r * C + c: input rows r*gs .. (r+1)*gs - 1 of channel c
-    fan_in = size // shape[-1]
-    order = np.arange(size).reshape(fan_in // group_size, group_size, shape[-1])
-    order = order.transpose(0, 2, 1).reshape(-1, group_size)
-  elif granularity == "channel":
-    order = np.moveaxis(np.arange(size).reshape(shape), -1, 0).reshape(shape[-1], -1)
-  else:
-    order = np.arange(size)[None, :]
+  # Codebook (l, r, c) serves input rows r * g .. (r + 1) * g - 1 of channel c in layer l.
+  order = np.arange(size).reshape(layers, per_layer, fan_in // per_layer, channels)
+  order = order.transpose(0, 1, 3, 2).reshape(layers * per_layer * channels, -1)
+  book = (channels,) if layers * per_layer == 1 else (layers * per_layer, channels)
   if mask is None:
-    return order.reshape(-1), [order.shape[1]] * order.shape[0]
+    return order.reshape(-1), [order.shape[1]] * order.shape[0], book
   keep = np.asarray(mask).reshape(-1)[order]
-  return order[keep], keep.sum(axis=1).tolist()
+  return order[keep], keep.sum(axis=1).tolist(), book
 
 
 def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, options,
-                     group_size=None):
+                     group_size=None, leaf_axes=None):
   arrays = [jnp.asarray(x, jnp.float32) for x in leaves]
   pinned = [m is not None and not bool(np.all(np.asarray(m))) for m in masks]
-  layouts = [_scalar_layout(a.shape, m if p else None, granularity, group_size)
-             for a, m, p in zip(arrays, masks, pinned)]
-  for path, (_, rows) in zip(paths, layouts):
+  leaf_axes = leaf_axes or [LeafAxes()] * len(arrays)
+  layouts = [_scalar_layout(a.shape, m if p else None, granularity, group_size, lay)
+             for a, m, p, lay in zip(arrays, masks, pinned, leaf_axes)]
+  for path, (_, rows, _) in zip(paths, layouts):
     if min(rows) == 0:
       raise ValueError(f"{path}: every weight of a codebook group is pruned; prune less or "
                        "use granularity='layer'.")
@@ -305,22 +273,22 @@ def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, o
     own_k = _combined_budget([a.size for a in arrays], own_k, budget)
   if min(own_k) < 1:
     raise ValueError("a pruned parameter needs at least 2 clusters (zero + one value).")
-  x = jnp.concatenate([a.reshape(-1)[pos] for a, (pos, _) in zip(arrays, layouts)])
+  x = jnp.concatenate([a.reshape(-1)[pos] for a, (pos, _, _) in zip(arrays, layouts)])
   h = None
   if any(w is not None for w in imps):
     h = jnp.concatenate([jnp.ones(pos.size, jnp.float32) if w is None
                          else jnp.asarray(w, jnp.float32).reshape(-1)[pos]
-                         for w, (pos, _) in zip(imps, layouts)])
+                         for w, (pos, _, _) in zip(imps, layouts)])
   if granularity == "model":
     sizes, group_k = [x.shape[0]], [max(own_k)]
   else:
-    sizes = [n for _, rows in layouts for n in rows]
-    group_k = [k for (_, rows), k in zip(layouts, own_k) for _ in rows]
+    sizes = [n for _, rows, _ in layouts for n in rows]
+    group_k = [k for (_, rows, _), k in zip(layouts, own_k) for _ in rows]
   result = grouped_kmeans_1d(x, h, sizes, group_k, key=key, **options)
   centroids, assignments = result.centroids, result.assignments
 
   out, offset, group = [], 0, 0
-  for a, (pos, rows), k, pin in zip(arrays, layouts, own_k, pinned):
+  for a, (pos, rows, shape), k, pin, lay in zip(arrays, layouts, own_k, pinned, leaf_axes):
     if granularity == "model":
       book = jnp.repeat(centroids[0:1, :group_k[0]], len(rows), axis=0)
     else:
@@ -331,10 +299,9 @@ def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, o
     flat_idx = jnp.zeros(a.size, jnp.int32).at[pos].set(idx)
     if pin:
       book = jnp.concatenate([jnp.zeros((book.shape[0], 1), book.dtype), book], axis=1)
-    if group_size is not None and a.size // a.shape[-1] > group_size:
-      book = book.reshape(-1, a.shape[-1], book.shape[-1])  # (R, C, k)
-    out.append(ClusteredArray(book, flat_idx.reshape(a.shape).astype(_index_dtype(book.shape[-1])),
-                              pinned_zero=pin))
+    book = book.reshape(shape + (book.shape[-1],))  # (C, k) or (R, C, k)
+    out.append(ClusteredArray(book, flat_idx.reshape(a.shape).astype(index_dtype(book.shape[-1])),
+                              pinned_zero=pin, stacked=lay.stacked))
   return out
 
 
@@ -350,11 +317,5 @@ def _cluster_vectors(path, leaf, imp, k, key, options, layout="vector"):
   if allowed.get("init") not in (None, "kmeans++", "forgy"):
     allowed.pop("init")
   result = kmeans_vectors(points, weights, k, key=key, **allowed)
-  idx = result.assignments.reshape(rest).astype(_index_dtype(k))
+  idx = result.assignments.reshape(rest).astype(index_dtype(k))
   return ClusteredArray(result.centroids, idx, tuple(vector_shape), vector_axis=axis)
-
-
-def clustered_leaves(tree: Any) -> list[tuple[str, ClusteredArray]]:
-  """(path, ClusteredArray) for every clustered leaf, in tree order."""
-  return [(path, leaf) for path, leaf in named_leaves(tree, is_leaf=is_clustered)
-          if is_clustered(leaf)]

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from gkq_jax._clustering import is_traced
 from gkq_jax._paths import path_keys, path_string
-from gkq_jax.quantize import ClusteredArray, is_clustered
+from gkq_jax.clustered import ClusteredArray, is_clustered
 
 # The code length of an entry that holds no weight: never worth choosing under a price.
 _EMPTY_BITS = 1e9

@@ -4,6 +4,14 @@ A rule is a regular expression searched in a parameter's path, written with
 '/' between keys (``params/Conv_0/kernel`` for linen, ``conv1/kernel`` for an
 ``nnx.split`` state). The first matching rule decides; ``num_clusters=0``
 keeps matched parameters as they are.
+
+A rule may also say how its parameters' axes are read (see
+:mod:`gkq_jax.axes`): ``channel_axes``, how many trailing axes are the layer's
+output features (one codebook per output feature with
+``granularity="channel"``), and ``stacked_axes``, how many leading axes stack
+layers (``nn.scan``; each layer's slice clustered on its own). Left at None,
+they come from ``quantize(..., axes=gkq.layer_axes(model, ...))`` or default to
+one output axis and no stack.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ class ClusterRule:
   pattern: str = r"(^|/)kernel$"
   num_clusters: int = 16
   min_ndim: int = 2  # biases and norm scales (ndim 1) stay exact by default
+  channel_axes: int | None = None  # trailing axes that are the layer's outputs
+  stacked_axes: int | None = None  # leading axes that stack layers
 
   def __post_init__(self):
     try:
@@ -40,25 +50,38 @@ class ClusterRule:
     if not _is_int(self.min_ndim):
       raise ValueError(f"rule {self.pattern!r}: min_ndim must be an integer, "
                        f"got {self.min_ndim!r}.")
+    for name, low in (("channel_axes", 1), ("stacked_axes", 0)):
+      value = getattr(self, name)
+      if value is not None and (not _is_int(value) or value < low):
+        raise ValueError(f"rule {self.pattern!r}: {name} must be None or an integer >= {low}, "
+                         f"got {value!r}.")
 
 
 DEFAULT_RULES = (ClusterRule(),)
 
 
-def bits_rule(pattern: str, bits: int, min_ndim: int = 2) -> ClusterRule:
-  """A rule with 2**bits clusters; bits must be an integer in 1..16."""
+def bits_rule(pattern: str, bits: int, min_ndim: int = 2, **axes) -> ClusterRule:
+  """A rule with 2**bits clusters; bits must be an integer in 1..16. ``axes``:
+  ``channel_axes`` / ``stacked_axes`` as in :class:`ClusterRule`."""
   if not _is_int(bits) or not 1 <= bits <= 16:
     raise ValueError(f"bits must be in 1..16 and an integer, got {bits!r}.")
-  return ClusterRule(pattern, 2 ** int(bits), min_ndim)
+  return ClusterRule(pattern, 2 ** int(bits), min_ndim, **axes)
+
+
+def rule_for(rules: Sequence[ClusterRule], path: str) -> ClusterRule | None:
+  """The first rule whose pattern is found in ``path`` (None if none)."""
+  for rule in rules:
+    if re.search(rule.pattern, path):
+      return rule
+  return None
 
 
 def clusters_for(rules: Sequence[ClusterRule], path: str, leaf) -> int:
   """Number of clusters the first matching rule gives this leaf (0: leave it alone)."""
-  for rule in rules:
-    if re.search(rule.pattern, path):
-      ndim = getattr(leaf, "ndim", 0)
-      return rule.num_clusters if ndim >= rule.min_ndim else 0
-  return 0
+  rule = rule_for(rules, path)
+  if rule is None:
+    return 0
+  return rule.num_clusters if getattr(leaf, "ndim", 0) >= rule.min_ndim else 0
 
 
 def selected_leaves(params: Any, rules: Sequence[ClusterRule]) -> Any:

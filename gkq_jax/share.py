@@ -47,7 +47,7 @@ import optax
 from gkq_jax import _vectors
 from gkq_jax._clustering import is_traced
 from gkq_jax._paths import path_keys, path_string
-from gkq_jax.quantize import ClusteredArray, is_clustered
+from gkq_jax.clustered import ClusteredArray, is_clustered
 
 REDUCTIONS = ("mean", "sum")
 
@@ -59,13 +59,8 @@ def _cluster_segments(leaf: ClusteredArray) -> tuple[jax.Array, int]:
     k, d = leaf.codebook.shape
     seg = idx[..., None] * d + jnp.arange(d, dtype=jnp.int32)  # (*rest, d)
     return _vectors.from_vectors(seg, leaf.vector_axis, leaf.vector_shape), k * d  # as dequantize
-  if leaf.codebook.ndim == 3:  # per grouped channel
-    k = leaf.codebook.shape[-1]
-    return leaf.codebook_rows() * k + idx, leaf.codebook.size
-  channels, k = leaf.codebook.shape
-  if channels > 1:
-    idx = idx + jnp.arange(channels, dtype=jnp.int32) * k
-  return idx, channels * k
+  k = leaf.codebook.shape[-1]
+  return leaf.codebook_rows() * k + idx, leaf.codebook.size
 
 
 def _is_masked(x) -> bool:

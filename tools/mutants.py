@@ -118,6 +118,27 @@ MUTANTS = (
            "  step = (total * scale)[seg].astype(work)\n",
            ("tests/library/test_share_exact.py::"
             "test_a_member_knocked_one_ulp_off_its_value_is_pulled_back",)),
+    Mutant("runtime-wraps-negative-start",
+           "the packed forward equals the dense forward for every input (issue 26)",
+           "gkq_jax/flax_runtime.py",
+           "array.shape[0], allow_negative_indices=False)",
+           "array.shape[0])",
+           ("tests/library/test_flax_runtime.py::"
+            "test_the_packed_forward_is_the_dense_forward_whatever_the_input_starts_with",)),
+    Mutant("channel-axes-last-only",
+           "per-channel codebooks serve every output feature of a multi-axis kernel (issue 26)",
+           "gkq_jax/quantize.py",
+           "  channels = int(np.prod(shape[len(shape) - layout.channels:])) if granularity",
+           "  channels = int(np.prod(shape[len(shape) - 1:])) if granularity",
+           ("tests/library/test_axes.py::"
+            "test_dense_general_gets_a_codebook_per_output_feature",)),
+    Mutant("stack-clustered-as-one",
+           "each layer of an nn.scan stack is clustered as the unscanned layer (issue 26)",
+           "gkq_jax/quantize.py",
+           "  layers = int(np.prod(shape[:layout.stacked]))",
+           "  layers = 1",
+           ("tests/library/test_axes.py::"
+            "test_a_scanned_stack_is_clustered_and_run_as_its_unscanned_twin",)),
     Mutant("vector-points-reshaped",
            "granularity='vector' clusters the spatial filters",
            "gkq_jax/_vectors.py",

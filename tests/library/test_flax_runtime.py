@@ -168,28 +168,33 @@ def test_a_layer_that_cannot_run_packed_falls_back_to_its_dense_weight_and_says_
   _close(y, nnx.merge(graphdef, gkq.dequantize(nq))(x))
 
 
-class ScanBody(nn.Module):
-  @nn.compact
-  def __call__(self, carry, _):
-    return nn.Dense(4)(carry), None
+FIRST_VALUES = [-1e30, -5.0, -1.0, -0.999, -0.0, 0.5, 1.0, 7.0, 1e30, np.nan, np.inf, -np.inf]
 
 
-def test_scanned_packed_weights_are_an_error_and_dense_runs_them():
-  scanned = nn.scan(ScanBody, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
-
-  class Stack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return scanned(name="layers")(x, None)[0]
-
-  model = Stack()
-  x = jnp.ones((2, 4))
-  packed = gkq.pack_tree(cheap_quantize(random_variables(model, x)["params"], 2))
-  with pytest.raises(ValueError, match=r"params/layers/Dense_0/\w+ is split along an axis by "
-                                       "nn.scan / nn.vmap"):
-    gkq.apply_packed(model, {"params": packed}, x, kernel="xla")
-  y = gkq.apply_packed(model, {"params": packed}, x, kernel="xla", dense=("layers/",))
-  _close(y, model.apply({"params": gkq.dequantize(gkq.unpack_tree(packed))}, x))
+def test_the_packed_forward_is_the_dense_forward_whatever_the_input_starts_with():
+  # The dense copy waits for the layer's input through a slice whose start is read off the
+  # input's first value; no value of it may change the weights (issue 26: <= -1 rotated
+  # the kernel's rows by one).
+  model = nn.Dense(64, use_bias=False)
+  w = np.random.default_rng(0).standard_normal((48, 64)).astype(np.float32)
+  q = gkq.quantize({"kernel": jnp.asarray(w)}, None, [gkq.bits_rule("kernel", 3)],
+                   granularity="channel")
+  x = np.random.default_rng(100).standard_normal((len(FIRST_VALUES), 3, 48)).astype(np.float32)
+  x[:, 0, 0] = FIRST_VALUES
+  x[len(x) // 2:] *= -1  # and inputs of either sign after the first value
+  x[len(x) // 2:, 0, 0] = FIRST_VALUES[len(x) // 2:]
+  packed = jax.jit(lambda p, x: gkq.apply_packed(model, {"params": p}, x, kernel="xla"))
+  dense = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  for batch in x:
+    np.testing.assert_array_equal(packed(gkq.pack_tree(q), batch),
+                                  dense(gkq.dequantize(q), batch))
+  graphdef, state = nnx_random(lambda rngs: nnx.Linear(48, 64, use_bias=False, rngs=rngs))
+  nq = cheap_quantize(state, 3, "channel")
+  run = nnx.jit(lambda m, x: m(x))
+  for batch in x:
+    np.testing.assert_array_equal(run(gkq.merge_packed(graphdef, gkq.pack_tree(nq),
+                                                       kernel="xla"), batch),
+                                  run(nnx.merge(graphdef, gkq.dequantize(nq)), batch))
 
 
 def test_a_packed_tree_from_another_model_is_an_error():
