@@ -124,8 +124,8 @@ def run_flash(layer, k, processes):
     wt, ht = np.ascontiguousarray(w.T), np.ascontiguousarray(h.T)
     start = time.perf_counter()
     if pool:
-      parts = pool.map(_flash_rows, [(a, b, k) for a, b in zip(np.array_split(wt, 8 * processes),
-                                                                 np.array_split(ht, 8 * processes))])
+      chunks = zip(np.array_split(wt, 8 * processes), np.array_split(ht, 8 * processes))
+      parts = pool.map(_flash_rows, [(a, b, k) for a, b in chunks])
       books, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     else:
       books, labels = _flash_rows((wt, ht, k))
@@ -142,7 +142,7 @@ def main():
   parser.add_argument("--k", type=int, default=16)
   parser.add_argument("--channels", type=int, default=0,
                       help="only the first N output channels of each matrix (0: all)")
-  parser.add_argument("--chunk-values", type=int, default=gkq.channels.DEFAULT_CHUNK_VALUES)
+  parser.add_argument("--chunk-values", type=int, default=gkq.DEFAULT_CHUNK_VALUES)
   parser.add_argument("--flash-processes", type=int, default=1,
                       help="flash1dkmeans in this many processes (channels split between them)")
   parser.add_argument("--skip-flash", action="store_true")

@@ -30,7 +30,7 @@ import gkq_jax as gkq  # noqa: E402
 from configs import default  # noqa: E402
 from gkq_jax.job import models  # noqa: E402
 from gkq_jax.job import run as run_lib  # noqa: E402
-from gkq_jax.job import train as train_lib  # noqa: E402
+from gkq_jax.job.training import train as train_lib  # noqa: E402
 
 MODELS = {  # name: (config model, input shape of one example, label)
     "mlp": ("mlp", (28, 28, 1), "LeNet-300-100 (28x28)"),
@@ -86,7 +86,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", default="mlp,lenet5,resnet34")
   parser.add_argument("--checkpoint", action="append", default=[],
-                      help="name=folder of a baseline checkpoint (e.g. runs/x/checkpoints/baseline)")
+                      help="name=folder of a baseline checkpoint "
+                      "(e.g. runs/x/checkpoints/baseline)")
   parser.add_argument("--quality", type=float, default=1.0, help="prune |w| < quality x std")
   parser.add_argument("--bits", type=int, default=4)
   args = parser.parse_args()

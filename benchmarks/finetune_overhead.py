@@ -30,7 +30,8 @@ import optax
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import gkq_jax as gkq  # noqa: E402
 from gkq_jax import share  # noqa: E402
-from gkq_jax.job import models, train  # noqa: E402
+from gkq_jax.job import models  # noqa: E402
+from gkq_jax.job.training import train  # noqa: E402
 
 CASES = {
     "LeNet-300-100": (lambda: models.MLP(models.LENET_300_100), (128, 28, 28, 1)),

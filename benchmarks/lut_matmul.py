@@ -190,7 +190,8 @@ def cpu_part(args):
       dense_ref = gkq.dequantize(gkq.unpack_tree(packed))
       diff = float(jnp.max(jnp.abs(packed_fn(packed, x) - dense_fn({**rest, "params": dense_ref},
                                                                     x))))
-      repeats = args.repeats if batch == 1 or name.startswith("LeNet") else max(3, args.repeats // 5)
+      few = max(3, args.repeats // 5)
+      repeats = args.repeats if batch == 1 or name.startswith("LeNet") else few
       t_dense = median_ms(dense_fn, variables, x, repeats=repeats)
       t_packed = median_ms(packed_fn, packed, x, repeats=repeats)
       latency.append((name, batch, t_dense, t_packed, diff))

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import gkq_jax as gkq  # noqa: E402
-from gkq_jax.job import measure, models  # noqa: E402
+from gkq_jax.job import models  # noqa: E402
+from gkq_jax.job.training import measure  # noqa: E402
 
 
 def _lowrank(model, shape, pattern):

@@ -3,6 +3,13 @@
 import ml_collections
 
 
+def student_fields(**types) -> ml_collections.ConfigDict:
+  """survey.student with each named model field unset (None) but typed, so that
+  --config.survey.student.<field>=... works from the command line."""
+  return ml_collections.ConfigDict(
+      {name: ml_collections.FieldReference(None, field_type=kind) for name, kind in types.items()})
+
+
 def get_config():
   c = ml_collections.ConfigDict()
   c.model = "resnet34"
@@ -102,7 +109,8 @@ def get_config():
       sparse_fraction=0.01,  # lowrank_sparse: share of each kernel in the sparse residual
       prune_fraction=0.5,  # share of every layer's filters / neurons removed
       remove_blocks=2,  # residual blocks removed by remove_blocks (ResNets)
-      student=ml_collections.ConfigDict(),  # distill: the student's model fields
+      # distill: the student's model fields; unset ones default to the model at half width.
+      student=student_fields(hidden=tuple, conv_widths=tuple, width=int, widen=int),
       student_epochs=10,  # distill: the student trains from scratch
       distill_weight=1.0, distill_temperature=4.0,
       latency_batches=(1, 256), latency_repeats=30))

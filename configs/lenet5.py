@@ -16,6 +16,7 @@ def get_config(variant: str = ""):
   c.learning_rate = 2e-3
   c.weight_decay = 1e-4
   c.image_size = 28  # LeNet-5's two valid 5x5 convs need MNIST-sized inputs
+  c.survey.student = default.student_fields(conv_widths=tuple, hidden=int)  # LeNet-5's fields
   if variant in ("fashion_mnist", "survey_fashion_mnist"):
     c.dataset = "tfds:fashion_mnist"
     c.num_epochs = 15
@@ -29,7 +30,7 @@ def get_config(variant: str = ""):
     c.survey.epochs = 1  # ~45 s per epoch on the 2-core CPU
     c.survey.learning_rates = (1e-3, 3e-4)
     c.survey.lowrank_layers = r"^(Conv_1|Dense_0)$"  # 98% of the weights
-    c.survey.student = dict(conv_widths=(10, 25), hidden=250)
+    c.survey.student.conv_widths, c.survey.student.hidden = (10, 25), 250  # half width
     c.survey.student_epochs = 8
   elif variant == "fashion_mnist":
     pass

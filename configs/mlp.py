@@ -59,7 +59,7 @@ def get_config(variant: str = ""):
     c.survey.epochs = 3
     c.survey.learning_rates = (1e-3, 3e-4)
     c.survey.lowrank_layers = r"^Dense_[01]$"  # the 10-way head is too small to factorize
-    c.survey.student = dict(hidden=(100, 50))
+    c.survey.student.hidden = (100, 50)
     c.survey.student_epochs = 20
   elif variant == "obd_fashion_mnist":
     # >= 50x: Optimal Brain Damage pruning (h w^2, h = damped g^2) ranked over all layers on a

@@ -14,6 +14,7 @@ from configs import default
 def get_config(variant: str = ""):
   c = default.get_config()
   c.model = "resnet34"
+  c.survey.student = default.student_fields(width=int, stage_sizes=tuple)  # ResNet fields
   c.num_epochs = 5  # the offline default: ~8 min on 2 CPU cores (98% by epoch 4)
   c.batch_size = 64
   c.learning_rate = 0.05
@@ -36,7 +37,7 @@ def get_config(variant: str = ""):
     c.survey.learning_rates = (0.01, 0.003)
     c.survey.lowrank_layers = r"^BasicBlock_\d+/Conv_[01]$"
     c.survey.remove_blocks = 3
-    c.survey.student = dict(stage_sizes=(2, 2, 2, 2))  # ResNet-18
+    c.survey.student.width, c.survey.student.stage_sizes = 64, (2, 2, 2, 2)  # ResNet-18
     c.survey.student_epochs = 60
   elif variant == "cifar10":
     pass

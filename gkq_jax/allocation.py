@@ -26,54 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from gkq_jax import ecsq as ecsq_lib
-from gkq_jax import huffman
 from gkq_jax import rules as rules_lib
 from gkq_jax._paths import named_leaves
-from gkq_jax.kmeans1d import grouped_kmeans_1d
 from gkq_jax.clustered import ClusteredArray
+from gkq_jax.encode import coded_bytes
+from gkq_jax.kmeans1d import grouped_kmeans_1d
 
 METHODS = ("kmeans", "ecsq", "uniform")
 ALLOCATIONS = ("optimal", "same")
 DEFAULT_CLUSTERS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-_SPARSE_GAP_BITS = range(2, 9)  # as gkq_jax.encode tries them
 # Bound on the dynamic programme's table (layers x budget units); past it the
 # byte unit grows, rates are rounded up to it and the budget still holds.
 _MAX_DP_UNITS = 1 << 20
 
 
 # ------------------------------------------------------------------------- rates
-
-
-def _stream_bytes(counts: np.ndarray) -> int:
-  """Bytes of one Huffman stream (code lengths, sync offsets, payload)."""
-  count = int(counts.sum())
-  lengths = huffman.code_lengths(counts)
-  bits = int(np.dot(counts.astype(np.int64), lengths.astype(np.int64)))
-  return counts.size + 4 * math.ceil(count / huffman.SYNC) + math.ceil(bits / 8)
-
-
-def coded_bytes(indices, num_clusters: int, sparse: bool = False) -> int:
-  """Bytes :func:`gkq_jax.save` spends on one leaf's indices: the smallest of
-  fixed width, Huffman and, for leaves with a pinned zero (``sparse``),
-  Deep Compression's relative index (gaps between non-zero indices)."""
-  idx = np.asarray(indices).reshape(-1).astype(np.int64)
-  k = int(num_clusters)
-  options = [math.ceil(idx.size * max(1, math.ceil(math.log2(max(k, 2)))) / 8),
-             _stream_bytes(np.bincount(idx, minlength=k))]
-  pos = np.flatnonzero(idx)
-  if sparse and pos.size:
-    gaps = np.diff(np.concatenate([[-1], pos]))
-    values = np.bincount(idx[pos], minlength=k)
-    for gap_bits in _SPARSE_GAP_BITS:
-      span = 1 << gap_bits
-      fillers = (gaps - 1) // span
-      n_fill = int(fillers.sum())
-      stored = np.bincount(gaps - fillers * span - 1, minlength=span)
-      stored[span - 1] += n_fill
-      filled_values = values.copy()
-      filled_values[0] += n_fill
-      options.append(_stream_bytes(stored) + _stream_bytes(filled_values))
-  return min(options)
 
 
 # -------------------------------------------------------------------- allocation

@@ -24,8 +24,8 @@ from typing import Iterable, Iterator
 import jax
 import jax.numpy as jnp
 
-from gkq_jax.kmeans1d import grouped_kmeans_1d
 from gkq_jax.clustered import ClusteredArray
+from gkq_jax.kmeans1d import grouped_kmeans_1d
 
 DEFAULT_CHUNK_VALUES = 1 << 22
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import pathlib
 import struct
 import zlib
@@ -42,6 +43,7 @@ from gkq_jax.clustered import ClusteredArray, is_clustered
 
 MAGIC = b"GKQJAX\0"
 FORMAT_VERSION = 2
+SPARSE_GAP_BITS = range(2, 9)  # the relative index's gap widths tried
 
 
 class CorruptFileError(ValueError):
@@ -93,7 +95,7 @@ def _encode_indices(idx: np.ndarray, k: int, sparse_ok: bool, sections: _Section
   stream = huffman.encode(idx, k)
   candidates.append((huffman.nbytes(stream), "huffman", stream))
   if sparse_ok:
-    for gap_bits in range(2, 9):
+    for gap_bits in SPARSE_GAP_BITS:
       stored, values = _relative_index(idx, gap_bits)
       gs, vs = huffman.encode(stored, 1 << gap_bits), huffman.encode(values, k)
       candidates.append((huffman.nbytes(gs) + huffman.nbytes(vs), "sparse", gap_bits, gs, vs))
@@ -104,6 +106,40 @@ def _encode_indices(idx: np.ndarray, k: int, sparse_ok: bool, sections: _Section
     return {"coding": "huffman", "stream": _encode_stream(best[2], sections)}
   return {"coding": "sparse", "gap_bits": best[2], "gaps": _encode_stream(best[3], sections),
           "values": _encode_stream(best[4], sections)}
+
+
+def _stream_bytes(counts: np.ndarray) -> int:
+  """Bytes of one Huffman stream of symbols with these counts (code lengths,
+  sync offsets, payload), as :func:`huffman.nbytes` of its encoding."""
+  count = int(counts.sum())
+  lengths = huffman.code_lengths(counts)
+  bits = int(np.dot(counts.astype(np.int64), lengths.astype(np.int64)))
+  return counts.size + 4 * math.ceil(count / huffman.SYNC) + math.ceil(bits / 8)
+
+
+def coded_bytes(indices, num_clusters: int, sparse: bool = False) -> int:
+  """Bytes :func:`save` spends on one leaf's indices, without coding them: the
+  smallest of fixed width, Huffman and, for leaves with a pinned zero
+  (``sparse``), Deep Compression's relative index, exactly as
+  :func:`_encode_indices` chooses (a test checks the two agree)."""
+  idx = np.asarray(indices).reshape(-1).astype(np.int64)
+  k = int(num_clusters)
+  options = [math.ceil(idx.size * max(1, math.ceil(math.log2(max(k, 2)))) / 8),
+             _stream_bytes(np.bincount(idx, minlength=k))]
+  pos = np.flatnonzero(idx)
+  if sparse and pos.size:
+    gaps = np.diff(np.concatenate([[-1], pos]))
+    values = np.bincount(idx[pos], minlength=k)
+    for gap_bits in SPARSE_GAP_BITS:
+      span = 1 << gap_bits
+      fillers = (gaps - 1) // span
+      n_fill = int(fillers.sum())
+      stored = np.bincount(gaps - fillers * span - 1, minlength=span)
+      stored[span - 1] += n_fill
+      filled_values = values.copy()
+      filled_values[0] += n_fill
+      options.append(_stream_bytes(stored) + _stream_bytes(filled_values))
+  return min(options)
 
 
 def _escape(key) -> str:

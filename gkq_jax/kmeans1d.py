@@ -30,11 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gkq_jax import _histogram as hist_lib
-from gkq_jax import _inits
-from gkq_jax import _layout
-from gkq_jax import _lloyd
-from gkq_jax import _rows
-from gkq_jax import exact1d
+from gkq_jax import _inits, _layout, _lloyd, _rows, exact1d
 from gkq_jax._clustering import Clustering, check_finite, check_nonnegative, is_traced
 
 METHODS = ("hist", "lloyd", "exact")

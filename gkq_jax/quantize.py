@@ -41,13 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gkq_jax import _vectors
+from gkq_jax import _vectors, allocation
 from gkq_jax import rules as rules_lib
 from gkq_jax._clustering import check_finite, check_nonnegative
 from gkq_jax._paths import named_leaves
 from gkq_jax.axes import LeafAxes, axes_for
-from gkq_jax.clustered import (ClusteredArray, clustered_leaves, dequantize, index_dtype,
-                               is_clustered)
+from gkq_jax.clustered import ClusteredArray, index_dtype
 from gkq_jax.kmeans1d import grouped_kmeans_1d
 from gkq_jax.kmeans_vectors import kmeans_vectors
 
@@ -113,7 +112,6 @@ def quantize(params: Any, importance: Any = None,
     if granularity != "layer":
       raise ValueError(f"budget_bytes allocates one codebook per layer; got "
                        f"granularity={granularity!r}, use 'layer'.")
-    from gkq_jax import allocation  # it builds on this module
     return allocation.quantize_to_budget(params, importance, rules, budget_bytes, masks=masks,
                                          key=key, **cluster_options).quantized
   named = named_leaves(params)

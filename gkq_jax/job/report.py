@@ -115,7 +115,8 @@ def _compression_markdown(results: dict, rows: list[dict]) -> str:
            f"- compression ratio: {results['compression_ratio']:.1f}x",
            *_energy_line(results), *_deep_kmeans_line(results), "",
            *_accuracy_table(results)]
-  lines += ["", "| layer | shape | kept % | K | index bits | coded bits / weight | coding | bytes |",
+  lines += ["",
+            "| layer | shape | kept % | K | index bits | coded bits / weight | coding | bytes |",
             "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {r['kept_percent']:.1f} | "

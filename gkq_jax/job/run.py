@@ -3,9 +3,10 @@
 ``main.py`` parses flags and calls :func:`run`; everything here takes a config
 and a workdir, so tests drive the same code on tiny data.
 
-Modes: ``train`` (baseline only), ``compress`` (the full pipeline, default:
-:mod:`gkq_jax.job.pipeline`), ``sensitivity`` and ``compare``
-(:mod:`gkq_jax.job.studies`).
+Modes (:mod:`gkq_jax.job.modes`): ``train`` (baseline only), ``compress`` (the
+full pipeline, default), ``sensitivity`` and ``compare``, ``equal_bytes``,
+``survey``. Every setting is checked before anything trains: what needs no
+data by :func:`check_config`, what needs the model by :func:`check_model`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from gkq_jax.job import data as data_lib
-from gkq_jax.job import equal_bytes
-from gkq_jax.job import models
-from gkq_jax.job import pipeline
+from gkq_jax.job import context, models
 from gkq_jax.job import report as report_lib
-from gkq_jax.job import streaming
-from gkq_jax.job import studies
-from gkq_jax.job import survey
-from gkq_jax.job import train as train_lib
+from gkq_jax.job.data import images as data_lib
+from gkq_jax.job.data import streaming
+from gkq_jax.job.modes import compress as pipeline
+from gkq_jax.job.modes import dkm_stage, equal_bytes, qat_stage, studies, survey
+from gkq_jax.job.training import train as train_lib
 
 MODES = {
     "train": lambda ctx, state, results: results,
@@ -91,11 +90,26 @@ def load_data(config):
   return carve(data, config.validation_size, config.seed) if config.validation_size else data
 
 
-def run(config, workdir) -> dict:
-  """Runs the configured mode; returns its results dict (also in results.json)."""
+def check_config(config) -> None:
+  """Every setting that can be checked without data or model, whatever the mode."""
   if config.mode not in MODES:
     raise ValueError(f"config.mode={config.mode!r} is not one of {tuple(MODES)}.")
   pipeline.check_config(config)
+  dkm_stage.check_config(config)
+  qat_stage.check_config(config)
+  equal_bytes.check_config(config)
+  context.cluster_rules(config)  # parses quantize.rules
+
+
+def check_model(config, model, sample_shape) -> None:
+  """Settings that need the model (traced abstractly, nothing trained)."""
+  if config.mode == "survey":
+    survey.check_config(config, model, sample_shape)
+
+
+def run(config, workdir) -> dict:
+  """Runs the configured mode; returns its results dict (also in results.json)."""
+  check_config(config)
   if config.distributed:
     jax.distributed.initialize()
   workdir = prepare_workdir(workdir)
@@ -103,7 +117,8 @@ def run(config, workdir) -> dict:
   logging.info("data %s: %d train examples of shape %s, %d classes", data.name,
                data.num_train, data.sample_shape, data.num_classes)
   model = models.create_model(config, data.num_classes)
-  ctx = pipeline.Context(config, data, train_lib.Mesh1D(), report_lib.MetricWriter(workdir),
+  check_model(config, model, data.sample_shape)
+  ctx = context.Context(config, data, train_lib.Mesh1D(), report_lib.MetricWriter(workdir),
                          workdir)
   tx = ctx.optimizer(config.num_epochs, config.learning_rate)
   state = train_lib.init_state(model, data.sample_shape, tx, config.seed)

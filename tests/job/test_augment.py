@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gkq_jax.job import augment as augment_lib
+from gkq_jax.job.data import augment as augment_lib
 
 
 def test_augment_crops_flips_and_cuts_out():

@@ -64,9 +64,7 @@ def test_bad_settings_fail_before_training(tmp_path, overrides, message):
 
 
 def test_unknown_equal_bytes_method_is_named_before_any_work():
-  import types
-  from gkq_jax.job import equal_bytes
+
   c = _config(equal_bytes__methods=("kmeans", "kmeens"))
-  ctx, state = types.SimpleNamespace(config=c), types.SimpleNamespace(params={})
   with pytest.raises(ValueError, match=r"equal_bytes.methods \['kmeens'\]"):
-    equal_bytes.equal_bytes(ctx, state, {})
+    run_lib.check_config(c)  # before the data loads or anything trains

@@ -12,7 +12,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = """
 import jax, numpy as np
 from configs import mlp
-from gkq_jax.job import data as data_lib, models, train as train_lib
+from gkq_jax.job.data import images as data_lib
+from gkq_jax.job import models
+from gkq_jax.job.training import train as train_lib
 config = mlp.get_config("smoke"); config.batch_size = 32
 ds = data_lib.load("digits")
 model = models.create_model(config, 10)

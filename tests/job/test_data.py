@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gkq_jax.job import data as data_lib
+from gkq_jax.job.data import images as data_lib
 
 
 def test_digits_is_offline_and_deterministic():

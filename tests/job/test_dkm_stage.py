@@ -8,8 +8,9 @@ import pytest
 import gkq_jax as gkq
 from configs import lenet5 as lenet5_config
 from configs import wrn16_4
-from gkq_jax.job import dkm_stage, models
+from gkq_jax.job import models
 from gkq_jax.job import run as run_lib
+from gkq_jax.job.modes import dkm_stage
 from tests.job.tiny import kill_stage_after_one_epoch, pipeline_config
 
 

@@ -10,10 +10,11 @@ import pytest
 
 import gkq_jax as gkq
 from configs import mlp as mlp_config
-from gkq_jax.job import models, pipeline
+from gkq_jax.job import context, models
 from gkq_jax.job import report as report_lib
 from gkq_jax.job import run as run_lib
-from gkq_jax.job import train as train_lib
+from gkq_jax.job.modes import compress as pipeline
+from gkq_jax.job.training import train as train_lib
 from tests.job.tiny import kill_stage_after_one_epoch, pipeline_config
 
 
@@ -171,13 +172,13 @@ def test_finetune_stage_distils_and_sums_cluster_updates(finished_run, tmp_path)
   workdir, _ = finished_run
   config = pipeline_config()
   data = run_lib.load_data(config)
-  ctx = pipeline.Context(config, data, train_lib.Mesh1D(), report_lib.MetricWriter(tmp_path),
+  ctx = context.Context(config, data, train_lib.Mesh1D(), report_lib.MetricWriter(tmp_path),
                          tmp_path)
   state = train_lib.init_state(models.create_model(config, data.num_classes), data.sample_shape,
                                ctx.optimizer(1, 0.01), config.seed)
   state = run_lib.restore_init_checkpoint(str(workdir / "checkpoints" / "baseline"), state)
   teacher = {"params": state.params, "batch_stats": state.batch_stats}
-  q = pipeline.quantize_stage(ctx, state, pipeline.cluster_rules(config), None).params
+  q = pipeline.quantize_stage(ctx, state, context.cluster_rules(config), None).params
   start = jax.tree.leaves(gkq.dequantize(q))
 
   def moves(reduce, distill):
@@ -195,10 +196,10 @@ def test_finetune_stage_distils_and_sums_cluster_updates(finished_run, tmp_path)
 def test_quantize_stage_passes_group_size_per_grouped_channel(monkeypatch):
   config = mlp_config.get_config("smoke")
   config.quantize.granularity, config.quantize.group_size = "channel", 4
-  monkeypatch.setattr(pipeline, "importance_of", lambda ctx, state, kind: None)
+  monkeypatch.setattr(context, "importance_of", lambda ctx, state, kind: None)
   kernel = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
   ctx = types.SimpleNamespace(config=config)
   state = types.SimpleNamespace(params={"dense": {"kernel": kernel}})
-  q = pipeline.quantize_stage(ctx, state, pipeline.cluster_rules(config), None).params
+  q = pipeline.quantize_stage(ctx, state, context.cluster_rules(config), None).params
   # (fan_in / group_size, channels, K): two codebooks per output channel.
   assert q["dense"]["kernel"].codebook.shape[:2] == (2, 3)

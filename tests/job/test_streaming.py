@@ -12,10 +12,10 @@ from PIL import Image
 
 from configs import mlp as mlp_config
 from configs import resnet34 as resnet34_config
-from gkq_jax.job import data as data_lib
 from gkq_jax.job import run as run_lib
-from gkq_jax.job import streaming
-from gkq_jax.job import train as train_lib
+from gkq_jax.job.data import images as data_lib
+from gkq_jax.job.data import streaming
+from gkq_jax.job.training import train as train_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 N_TRAIN, N_TEST = 48, 12
@@ -115,7 +115,8 @@ def test_bad_streaming_specs(tmp_path):
 def test_streamed_run_killed_mid_epoch_resumes_the_missing_steps(folder, tmp_path, monkeypatch):
   def config():
     c = resnet34_config.get_config("smoke")
-    c.mode, c.dataset, c.stream, c.batch_size, c.num_epochs = "train", f"folder:{folder}", True, 8, 2
+    c.mode, c.dataset, c.stream = "train", f"folder:{folder}", True
+    c.batch_size, c.num_epochs = 8, 2
     c.checkpoint_every, c.log_every, c.augment = 2, 2, True
     return c
 
@@ -153,7 +154,10 @@ import json, sys, jax, numpy as np
 jax.config.update("jax_platforms", "cpu")
 jax.distributed.initialize(coordinator_address="localhost:" + sys.argv[3], num_processes=2,
                            process_id=int(sys.argv[1]))
-from gkq_jax.job import streaming, train as train_lib, models, report
+from gkq_jax.job.data import streaming
+from gkq_jax.job.training import train as train_lib
+from gkq_jax.job import models
+from gkq_jax.job import report
 from configs import mlp
 ds = streaming.open_stream("folder:" + sys.argv[2])
 ids = []
@@ -168,8 +172,8 @@ mesh = train_lib.Mesh1D()
 import pathlib
 workdir = pathlib.Path(sys.argv[4])  # shared by both hosts, as a run's workdir is
 state = train_lib.fit(state, ds, train_lib.make_train_step(), num_epochs=1, batch_size=8, seed=0,
-                      checkpoint_dir=workdir / "ckpt", mesh=mesh, writer=report.MetricWriter(workdir),
-                      eval_batch_size=8)
+                      checkpoint_dir=workdir / "ckpt", mesh=mesh,
+                      writer=report.MetricWriter(workdir), eval_batch_size=8)
 acc = train_lib.evaluate(state, ds, 8, mesh)["test_accuracy"]
 print(json.dumps({"ids": ids, "devices": jax.device_count(), "acc": acc}))
 """

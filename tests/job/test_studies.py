@@ -3,7 +3,7 @@
 
 
 from gkq_jax.job import run as run_lib
-from gkq_jax.job import studies
+from gkq_jax.job.modes import studies
 from tests.job.tiny import pipeline_config
 
 

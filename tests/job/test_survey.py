@@ -12,9 +12,11 @@ import pytest
 import gkq_jax as gkq
 from configs import mlp as mlp_config
 from configs import resnet34 as resnet_config
-from gkq_jax.job import measure, models
+from gkq_jax.job import models
 from gkq_jax.job import run as run_lib
-from gkq_jax.job import survey as survey_lib
+from gkq_jax.job.models import surgery
+from gkq_jax.job.modes import survey as survey_lib
+from gkq_jax.job.training import measure
 
 MLP_METHODS = ("baseline", "prune_datafree", "binary", "distill", "lowrank+gkq_2bit")
 
@@ -26,7 +28,7 @@ def mlp_survey_config(**survey):
   c.survey.methods = MLP_METHODS
   c.survey.epochs = 1
   c.survey.lowrank_layers = "^Dense_0$"
-  c.survey.student = {"hidden": (12,)}
+  c.survey.student.hidden = (12,)
   c.survey.student_epochs = 1
   c.survey.latency_batches = (16,)
   c.survey.latency_repeats = 2
@@ -136,12 +138,13 @@ def _zero_removed(variables, group, removed):
 @pytest.mark.parametrize("model,shape", [
     (models.LeNet5(), (2, 28, 28, 1)),
     (models.ResNetTiny(), (2, 4, 4, 3)),
+    (models.WideResNet(depth=10, widen=1, dropout=0.0), (2, 4, 4, 3)),
 ])
 def test_filter_pruning_equals_zeroed_channels_with_smaller_arrays(model, shape):
   x = np.random.default_rng(1).standard_normal(shape, np.float32)
   variables = random_variables(model, x)
   zeroed, pruned, narrow = variables, variables, model
-  for group, kind, narrower in survey_lib.channel_groups(model):
+  for group, kind, narrower in surgery.channel_groups(model):
     n = gkq.num_channels(variables, group)
     keep = gkq.keep_largest(gkq.filter_norms(variables, group, 1 if kind == "conv" else 2),
                             n // 2)
@@ -162,7 +165,7 @@ def test_block_removal_keeps_shapes_consistent():
   model = models.ResNetTiny().clone(stage_sizes=(2, 1))
   x = np.random.default_rng(1).standard_normal((2, 4, 4, 3), np.float32)
   variables = random_variables(model, x)
-  assert survey_lib.removable_blocks(model) == [0, 1]
+  assert surgery.removable_blocks(model) == [0, 1]
   shorter = model.clone(removed_blocks=(0, 1))
   kept = gkq.remove_layers(variables, ["BasicBlock_0", "BasicBlock_1"])
   shapes = lambda t: jax.tree.map(jnp.shape, t)
@@ -182,7 +185,7 @@ def test_block_removal_keeps_shapes_consistent():
 def test_qat_folds_each_resnet_conv_with_its_batchnorm():
   model = models.ResNetTiny()
   variables = random_variables(model, np.zeros((1, 4, 4, 3), np.float32))
-  folds = survey_lib.fold_scales(model, variables)
+  folds = surgery.fold_scales(model, variables)
   # stem, two convs per block, and block 1's shortcut (block 0 keeps its width: no shortcut).
   assert set(folds) == {"stem/kernel", "BasicBlock_0/Conv_0/kernel", "BasicBlock_0/Conv_1/kernel",
                         "BasicBlock_1/Conv_0/kernel", "BasicBlock_1/Conv_1/kernel",
@@ -190,7 +193,7 @@ def test_qat_folds_each_resnet_conv_with_its_batchnorm():
   norm, stats = variables["params"]["BasicBlock_1"], variables["batch_stats"]["BasicBlock_1"]
   np.testing.assert_allclose(folds["BasicBlock_1/shortcut/kernel"], norm["shortcut_norm"]["scale"]
                              / np.sqrt(stats["shortcut_norm"]["var"] + 1e-5), rtol=1e-6)
-  assert survey_lib.fold_scales(models.MLP(), {"params": {}}) == {}
+  assert surgery.fold_scales(models.MLP(), {"params": {}}) == {}
 
 
 def test_macs_counted_from_the_model_match_hand_counts():
@@ -244,12 +247,14 @@ def _runner(config, has_validation=True):
 
 def test_bad_survey_input():
   def check(**survey):
-    _runner(mlp_survey_config(**survey)).check()
+    config = mlp_survey_config(**survey)
+    run_lib.check_model(config, models.create_model(config, 10), (8, 8, 1))
 
   with pytest.raises(ValueError, match="not fewer than the teacher's"):
     check(methods=("distill",), student={"hidden": (64, 32)})
-  with pytest.raises(ValueError, match="survey.student"):
-    check(methods=("distill",), student={})
+  with pytest.raises(ValueError, match=r"survey.student \{'hidden': \(24, 12\), 'width': 3\}.*"
+                                       "unexpected keyword argument 'width'"):
+    check(methods=("distill",), student={"width": 3})
   with pytest.raises(ValueError, match="unknown survey method 'svd'"):
     check(methods=("baseline", "svd"))
   with pytest.raises(ValueError, match="bits must be in 1..16"):

@@ -8,9 +8,9 @@ import pytest
 from configs import lenet5 as lenet5_config
 from configs import mlp as mlp_config
 from configs import resnet34 as resnet34_config
-from gkq_jax.job import data as data_lib
 from gkq_jax.job import run as run_lib
-from gkq_jax.job import train as train_lib
+from gkq_jax.job.data import images as data_lib
+from gkq_jax.job.training import train as train_lib
 from tests.job.tiny import smoke
 
 

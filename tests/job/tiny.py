@@ -48,7 +48,7 @@ def budget_config(budget_bytes: int, **overrides):
 def kill_stage_after_one_epoch(monkeypatch, stage: str) -> None:
   """Makes the first ``fit`` of ``stage`` train (and checkpoint) one epoch, then
   die as a killed process would; later calls run normally."""
-  from gkq_jax.job import train as train_lib
+  from gkq_jax.job.training import train as train_lib
   real_fit = train_lib.fit
   calls = {"n": 0}
 

@@ -12,6 +12,7 @@ from flax import nnx
 import gkq_jax as gkq
 from gkq_jax.job.models import MLP, LeNet5, ResNetTiny
 
+
 def cheap_quantize(tree, bits=3, granularity="layer"):
   """Every matrix on a uniform grid of 2**bits values (per layer or per channel): real
   ClusteredArrays without the cost of k-means, which the runtime does not care about."""

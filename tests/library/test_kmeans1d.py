@@ -34,7 +34,7 @@ def test_default_method_is_near_optimal_where_linear_lloyd_is_not(bell):
   default = gkq.kmeans_1d(x, h, 16)
   assert sse(x, h, default.centroids, default.assignments) <= 1.005 * best_sse
   errors = {}
-  for init in gkq.kmeans1d.INITS:
+  for init in gkq.KMEANS_INITS:
     out = gkq.kmeans_1d(x, h, 16, init=init, key=jax.random.PRNGKey(3))
     errors[init] = sse(x, h, out.centroids, out.assignments) / best_sse
   assert max(errors.values()) <= 1.25, errors
@@ -66,7 +66,7 @@ def test_l1_centroids_are_weighted_medians(bell):
 
 def test_assignment_is_nearest_centroid(bell):
   x, h = bell
-  for method in gkq.kmeans1d.METHODS:
+  for method in gkq.KMEANS_METHODS:
     out = gkq.kmeans_1d(x, h, 16, method=method, bins=64)
     c = np.asarray(out.centroids)
     dist = np.abs(x[:, None] - c[None])
@@ -91,7 +91,7 @@ def test_groups_are_independent_with_own_cluster_counts():
 
 def test_more_clusters_than_distinct_values():
   x = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 3.0] * 10, np.float32)
-  for method in gkq.kmeans1d.METHODS:
+  for method in gkq.KMEANS_METHODS:
     out = gkq.kmeans_1d(x, None, 8, method=method)
     c = np.asarray(out.centroids)
     assert np.isfinite(c).all()

@@ -7,6 +7,7 @@ import pytest
 
 import gkq_jax as gkq
 
+
 @pytest.mark.parametrize("bits", range(1, 17))
 def test_pack_unpack_round_trip_every_width(bits):
   rng = np.random.default_rng(bits)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from gkq_jax.job import layers
+from gkq_jax.job.models import layers
 
 
 class MLP(nn.Module):
@@ -159,12 +159,13 @@ class WideBlock(nn.Module):
   strides: int = 1
   dropout: float = 0.3
   dtype: Any = jnp.float32
+  inner: int = 0  # filters of the first conv (filter pruning narrows it); 0: filters
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv, norm = _conv_and_norm(self.dtype, train)
     activated = nn.relu(norm()(x))
-    y = conv(self.filters, (3, 3), self.strides)(activated)
+    y = conv(self.inner or self.filters, (3, 3), self.strides)(activated)
     y = nn.relu(norm()(y))
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     y = conv(self.filters, (3, 3))(y)
@@ -183,6 +184,7 @@ class WideResNet(nn.Module):
   num_classes: int = 10
   dropout: float = 0.3
   dtype: Any = jnp.float32
+  block_widths: Sequence[int] = ()  # inner width of each block (filter pruning); (): filters
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -191,10 +193,13 @@ class WideResNet(nn.Module):
                        "28, ...).")
     conv, norm = _conv_and_norm(self.dtype, train)
     x = conv(16, (3, 3), name="stem")(x)
+    index = 0
     for group, width in enumerate((16 * self.widen, 32 * self.widen, 64 * self.widen)):
       for block in range((self.depth - 4) // 6):
         strides = 2 if group > 0 and block == 0 else 1
-        x = WideBlock(width, strides, self.dropout, self.dtype)(x, train)
+        inner = self.block_widths[index] if self.block_widths else 0
+        x = WideBlock(width, strides, self.dropout, self.dtype, inner)(x, train)
+        index += 1
     x = nn.relu(norm(name="final_norm")(x))
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x)

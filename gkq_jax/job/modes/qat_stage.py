@@ -22,7 +22,9 @@ import jax
 from absl import logging
 
 import gkq_jax as gkq
-from gkq_jax.job import train as train_lib
+from gkq_jax.job import context
+from gkq_jax.job.modes import budget as budget_lib
+from gkq_jax.job.training import train as train_lib
 
 
 def check_config(config) -> None:
@@ -68,17 +70,21 @@ def fit_budget(refit, params, quantized, prices: dict, file_bytes, budget: int):
   return refit(params, quantized, prices=scaled(2.0 ** hi)), scaled(2.0 ** hi)
 
 
-def run(ctx, state, quantized, importance, prices, masks, extra_loss=None, keep_budget=None):
-  """``qat.epochs`` of training through the codebooks; returns (state with the
+def run(ctx, state, quantized, importance, prices, masks, teacher=None):
+  """``qat.epochs`` of training through the codebooks (distilling from
+  ``teacher``'s variables with weight ``qat.distill``); returns (state with the
   latent float weights and the model's own apply, quantized re-fitted to them,
-  whether it was kept within the budget).
+  whether it was kept within ``quantize.budget_bytes``).
 
-  ``keep_budget(refit, params, quantized, prices)``: after each epoch, the
-  re-fitted codebooks and prices that keep the file within the byte budget
-  (:func:`fit_budget`), or None when prices cannot (the caller re-quantizes).
+  With a budget, after each epoch the re-fitted codebooks take the prices that
+  keep the file within it (:func:`fit_budget`); when none can, the last
+  re-fit is returned with ``within=False`` (the caller re-quantizes).
   """
   cfg = ctx.config.qat
   apply_fn = state.apply_fn
+  extra_loss = context.distillation_loss(state, teacher, cfg.distill) if teacher else None
+  budget = int(ctx.config.quantize.budget_bytes)
+  measure = lambda q: budget_lib.file_bytes(state, q)[0]  # noqa: E731
   tx = ctx.optimizer(cfg.epochs, cfg.learning_rate)
   if masks is not None:
     tx = gkq.keep_pruned(tx, masks)
@@ -93,8 +99,8 @@ def run(ctx, state, quantized, importance, prices, masks, extra_loss=None, keep_
     # One stage per epoch, each in a new batch order.
     state = ctx.train(state, 1, f"qat_{epoch + 1}", extra_loss,
                       seed=ctx.config.seed + 1 + epoch)
-    kept = None if keep_budget is None else keep_budget(refit, state.params, quantized, prices)
-    within = keep_budget is None or kept is not None
+    kept = fit_budget(refit, state.params, quantized, prices, measure, budget) if budget else None
+    within = not budget or kept is not None
     if kept is None:
       quantized = refit(state.params, quantized, prices)
     else:

@@ -51,11 +51,11 @@ import optax
 from absl import logging
 
 import gkq_jax as gkq
-from gkq_jax.job import measure
-from gkq_jax.job import models
-from gkq_jax.job import pipeline
+from gkq_jax.job import context, models
 from gkq_jax.job import report as report_lib
-from gkq_jax.job import train as train_lib
+from gkq_jax.job.models import surgery
+from gkq_jax.job.training import measure
+from gkq_jax.job.training import train as train_lib
 
 FP32_BASES = ("baseline", "lowrank", "lowrank_sparse", "prune_norm", "prune_datafree",
               "remove_blocks", "distill")
@@ -104,104 +104,13 @@ def _tuples(value):
   return value
 
 
-# ------------------------------------------------------------- model plans
-
-
-def channel_groups(model: nn.Module) -> list[tuple[gkq.ChannelGroup, str, Callable]]:
-  """(group, "conv" or "dense", narrower(model, n) -> model) for each layer whose
-  outputs structured pruning may cut, in forward order."""
-  if isinstance(model, models.MLP):
-    plans, norm = [], 0
-    for i in range(len(model.hidden)):
-      norms = ()
-      if model.norm_every and i % model.norm_every == 0:
-        norms, norm = (f"BatchNorm_{norm}",), norm + 1
-      narrower = (lambda i: lambda m, n: m.clone(
-          hidden=tuple(n if j == i else w for j, w in enumerate(m.hidden))))(i)
-      plans.append((gkq.ChannelGroup(f"Dense_{i}", f"Dense_{i + 1}", norms), "dense", narrower))
-    return plans
-  if isinstance(model, models.LeNet5):
-    conv = lambda i: lambda m, n: m.clone(conv_widths=tuple(
-        n if j == i else w for j, w in enumerate(m.conv_widths)))
-    return [(gkq.ChannelGroup("Conv_0", "Conv_1"), "conv", conv(0)),
-            (gkq.ChannelGroup("Conv_1", "Dense_0"), "conv", conv(1)),
-            (gkq.ChannelGroup("Dense_0", "Dense_1"), "dense", lambda m, n: m.clone(hidden=n))]
-  if isinstance(model, models.ResNet):
-    plans = []
-    for k in _present_blocks(model):
-      block = f"BasicBlock_{k}"
-      narrower = (lambda k: lambda m, n: m.clone(block_widths=tuple(
-          n if j == k else w for j, w in enumerate(_block_widths(m)))))(k)
-      plans.append((gkq.ChannelGroup(f"{block}/Conv_0", f"{block}/Conv_1",
-                                     f"{block}/BatchNorm_0"), "conv", narrower))
-    return plans
-  raise ValueError(f"structured pruning has no plan for {type(model).__name__}.")
-
-
-def _block_filters(model) -> list[int]:
-  return [model.width * 2 ** s for s, n in enumerate(model.stage_sizes) for _ in range(n)]
-
-
-def _block_widths(model) -> tuple:
-  return tuple(model.block_widths) or tuple(_block_filters(model))
-
-
-def _present_blocks(model) -> list[int]:
-  return [k for k in range(sum(model.stage_sizes)) if k not in model.removed_blocks]
-
-
-def removable_blocks(model: nn.Module) -> list[int]:
-  """Blocks whose input and output shapes agree, so the shortcut alone can carry
-  the signal when they are gone (not the first block of a later stage)."""
-  if not isinstance(model, models.ResNet):
-    raise ValueError("survey method remove_blocks needs a ResNet model (config.model "
-                     f"resnet34 / resnet_tiny), not {type(model).__name__}.")
-  out, index, channels = [], 0, model.width
-  for stage, blocks in enumerate(model.stage_sizes):
-    for block in range(blocks):
-      filters = model.width * 2 ** stage
-      if (stage == 0 or block > 0) and channels == filters and index not in model.removed_blocks:
-        out.append(index)
-      channels, index = filters, index + 1
-  return out
-
-
-def fold_scales(model: nn.Module, variables: dict) -> dict:
-  """kernel path -> the BatchNorm factor applied right after it (ResNets), for
-  QAT with folded BatchNorm; empty for models without conv -> BatchNorm pairs."""
-  if not isinstance(model, models.ResNet) or "batch_stats" not in variables:
-    return {}
-  pairs = [("stem", "stem_norm")]
-  for k in _present_blocks(model):
-    b = f"BasicBlock_{k}"
-    pairs += [(f"{b}/Conv_0", f"{b}/BatchNorm_0"), (f"{b}/Conv_1", f"{b}/BatchNorm_1"),
-              (f"{b}/shortcut", f"{b}/shortcut_norm")]
-  out = {}
-  for conv, norm in pairs:
-    layer = _get(variables["params"], conv)
-    scale, stats = _get(variables["params"], norm), _get(variables["batch_stats"], norm)
-    if layer is None or "kernel" not in layer or scale is None or stats is None:
-      continue  # a block without a shortcut conv, or a factorized conv
-    out[f"{conv}/kernel"] = gkq.batchnorm_scale(scale["scale"], stats["var"])
-  return out
-
-
-def _get(tree, path: str):
-  """The sub-tree at a '/'-joined path, or None."""
-  for key in path.split("/"):
-    if not isinstance(tree, dict) or key not in tree:
-      return None
-    tree = tree[key]
-  return tree
-
-
 # ------------------------------------------------------------------ survey
 
 
 class Survey:
   """Runs the methods of ``config.survey`` from the baseline ``state``."""
 
-  def __init__(self, ctx: pipeline.Context, state):
+  def __init__(self, ctx: context.Context, state):
     self.ctx, self.cfg = ctx, ctx.config.survey
     self.model = models.create_model(ctx.config, ctx.data.num_classes)
     self.base = {"params": state.params}
@@ -275,7 +184,7 @@ class Survey:
       model, variables, arch = self.model, self.base, {}
     qcfg = self.ctx.config.quantize
     state = self._state(model, variables, optax.identity())
-    importance = pipeline.importance_of(self.ctx, state, qcfg.importance)
+    importance = context.importance_of(self.ctx, state, qcfg.importance)
     rules = [gkq.bits_rule(r"(^|/)kernel$", bits)]
     q = gkq.quantize(variables["params"], importance, rules, granularity=qcfg.granularity,
                      key=jax.random.PRNGKey(self.ctx.config.seed), method=qcfg.method,
@@ -302,7 +211,7 @@ class Survey:
         node = new
         for key in layer.split("/"):
           node = node[key]
-        original = _get(params, layer)
+        original = surgery.subtree(params, layer)
         first, second, residual = gkq.low_rank_sparse(original["kernel"], rank,
                                                       float(cfg.sparse_fraction))
         node["first"]["kernel"], node["second"]["kernel"] = first, second
@@ -331,7 +240,7 @@ class Survey:
       raise ValueError(f"survey.prune_fraction={fraction} must be in [0, 1): the share of "
                        "each layer's filters / neurons removed.")
     model, variables, kept = self.model, self.base, {}
-    for group, kind, narrower in channel_groups(self.model):
+    for group, kind, narrower in surgery.channel_groups(self.model):
       n = gkq.num_channels(variables, group)
       keep_n = n - int(round(fraction * n))
       if kind == "dense" and datafree:
@@ -353,7 +262,7 @@ class Survey:
 
   def remove_blocks(self, name) -> Outcome:
     count = int(self.cfg.remove_blocks)
-    candidates = removable_blocks(self.model)
+    candidates = surgery.removable_blocks(self.model)
     if not 1 <= count <= len(candidates):
       raise ValueError(f"survey.remove_blocks={count}: this ResNet has {len(candidates)} "
                        f"removable blocks ({candidates}); remove between 1 and that many.")
@@ -377,26 +286,11 @@ class Survey:
                     "removed_blocks": list(removed)})
 
   def student(self) -> nn.Module:
-    fields = {k: _tuples(v) for k, v in self.cfg.student.items()}
-    if not fields:
-      raise ValueError("survey method distill needs survey.student: the student's model "
-                       "fields, e.g. --config.survey.student.hidden='(150, 50)' for the MLP.")
-    try:
-      student = self.model.clone(**fields)
-    except TypeError as e:
-      raise ValueError(f"survey.student {fields}: {e}") from None
-    shape = (1,) + tuple(self.ctx.data.sample_shape)
-    count = lambda m: measure.parameter_count(jax.eval_shape(
-        lambda: m.init(jax.random.PRNGKey(0), jnp.zeros(shape)))["params"])
-    mine, teacher = count(student), count(self.model)
-    if mine >= teacher:
-      raise ValueError(f"survey.student {fields} has {mine:,} parameters, not fewer than the "
-                       f"teacher's {teacher:,}; make the student narrower or shallower.")
-    return student
+    return student_model(self.cfg, self.model, self.ctx.data.sample_shape)
 
   def distill(self, name) -> Outcome:
     student = self.student()
-    fields = {k: _tuples(v) for k, v in self.cfg.student.items()}
+    fields = student_fields(self.cfg, self.model)
     teacher_model, teacher = self.model, self.base
     weight, temperature = float(self.cfg.distill_weight), float(self.cfg.distill_temperature)
 
@@ -420,7 +314,7 @@ class Survey:
       if binary:
         return gkq.fake_binarize(variables["params"])
       return gkq.fake_quantize(variables["params"], bits, per_channel=per_channel,
-                               fold_scales=fold_scales(model, variables))
+                               fold_scales=surgery.fold_scales(model, variables))
 
     def apply_fn(variables, x, **kw):
       return model.apply(dict(variables, params=quantized(variables)), x, **kw)
@@ -431,11 +325,11 @@ class Survey:
     variables = self._variables(state)
     params = gkq.binary_codebooks(variables["params"]) if binary else gkq.uniform_codebooks(
         variables["params"], bits, per_channel=per_channel,
-        fold_scales=fold_scales(model, variables))
+        fold_scales=surgery.fold_scales(model, variables))
     return Outcome(model, dict(variables, params=params), {},
                    {**info, "bits": 1 if binary else bits,
                     "per_channel": per_channel and not binary,  # binary: one scale per layer
-                    "folded_batchnorm": bool(fold_scales(model, variables))})
+                    "folded_batchnorm": bool(surgery.fold_scales(model, variables))})
 
   # -------------------------------------------------------------- driver
 
@@ -471,24 +365,6 @@ class Survey:
       outcome = self.run_method(name)
     self.outcomes[name] = outcome
     return outcome
-
-  def check(self) -> None:
-    """Everything that can be wrong with the config, before any training."""
-    names = list(self.cfg.methods)
-    if not names:
-      raise ValueError("survey.methods is empty; name at least one method, e.g. 'baseline'.")
-    if len(set(names)) != len(names):
-      raise ValueError(f"survey.methods lists a method twice: {names}.")
-    kinds = set()
-    for name in names:
-      kind, _, combo = parse_method(name)
-      kinds |= {kind} | ({combo[0]} if combo else set())
-    if "distill" in kinds:
-      self.student()
-    if "remove_blocks" in kinds:
-      removable_blocks(self.model)
-    if kinds & {"prune_norm", "prune_datafree"}:
-      channel_groups(self.model)
 
   def row(self, name: str) -> dict:
     """The method's row: computed and saved the first time, read back afterwards."""
@@ -587,10 +463,55 @@ def pareto_front(rows: list[dict], cost: Callable[[dict], float]) -> list[bool]:
   return flags
 
 
-def survey(ctx: pipeline.Context, state, results: dict) -> dict:
+def student_fields(cfg, model: nn.Module) -> dict:
+  """The student's model fields: ``survey.student``'s set fields over the
+  default, the same model at half width (:func:`surgery.half_width`)."""
+  chosen = {k: _tuples(v) for k, v in cfg.student.items() if v is not None}
+  return {**surgery.half_width(model), **chosen}
+
+
+def student_model(cfg, model: nn.Module, sample_shape) -> nn.Module:
+  """The distillation student, checked to be a smaller model of the same kind."""
+  fields = student_fields(cfg, model)
+  try:
+    student = model.clone(**fields)
+  except TypeError as e:
+    raise ValueError(f"survey.student {fields}: {e}") from None
+  shape = (1,) + tuple(sample_shape)
+  count = lambda m: measure.parameter_count(jax.eval_shape(  # noqa: E731
+      lambda: m.init(jax.random.PRNGKey(0), jnp.zeros(shape)))["params"])
+  mine, teacher = count(student), count(model)
+  if mine >= teacher:
+    raise ValueError(f"survey.student {fields} has {mine:,} parameters, not fewer than the "
+                     f"teacher's {teacher:,}; make the student narrower or shallower.")
+  return student
+
+
+def check_config(config, model: nn.Module, sample_shape) -> None:
+  """Everything that can be wrong with the survey's config, checked against the
+  model before any training (``run.check_config``)."""
+  cfg = config.survey
+  names = list(cfg.methods)
+  if not names:
+    raise ValueError("survey.methods is empty; name at least one method, e.g. "
+                     "--config.survey.methods='(\"baseline\",)'.")
+  if len(set(names)) != len(names):
+    raise ValueError(f"survey.methods lists a method twice: {names}.")
+  kinds = set()
+  for name in names:
+    kind, _, combo = parse_method(name)
+    kinds |= {kind} | ({combo[0]} if combo else set())
+  if "distill" in kinds:
+    student_model(cfg, model, sample_shape)
+  if "remove_blocks" in kinds:
+    surgery.removable_blocks(model)
+  if kinds & {"prune_norm", "prune_datafree"}:
+    surgery.channel_groups(model)
+
+
+def survey(ctx: context.Context, state, results: dict) -> dict:
   """The survey mode (see the module docstring); adds ``results["survey"]``."""
   runner = Survey(ctx, state)
-  runner.check()
   runner.dir.mkdir(parents=True, exist_ok=True)
   rows = [runner.row(name) for name in ctx.config.survey.methods]
   runner.measure_all(rows)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import grain.python as grain
 import numpy as np
 
-from gkq_jax.job import data as data_lib
+from gkq_jax.job.data import images as data_lib
 
 # Normalisation statistics come from this many training examples (a seeded
 # sample): enough for per-channel mean / std to 3 digits, cheap to decode.

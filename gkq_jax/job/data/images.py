@@ -146,7 +146,8 @@ def _idx(directory: str):
 def _unpack(archive: pathlib.Path) -> pathlib.Path:
   cache = pathlib.Path(os.environ.get("GKQ_DATA_DIR", pathlib.Path.home() / ".cache" / "gkq_jax"))
   stat = archive.stat()
-  tag = hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+  identity = f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+  tag = hashlib.sha1(identity.encode()).hexdigest()[:12]
   target = cache / f"{archive.name.split('.')[0]}-{tag}"
   if not (target / ".complete").exists():
     target.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,9 @@ import numpy as np
 from absl import logging
 
 import gkq_jax as gkq
-from gkq_jax.job import pipeline
+from gkq_jax.job import context
 from gkq_jax.job import report as report_lib
+from gkq_jax.job.modes import compress as pipeline
 
 METHODS = {
     # name: (importance kind, damped, candidate families, allocation)
@@ -54,15 +55,18 @@ def grad_sq_distortion(params, quantized, importance) -> float:
                    for path, leaf in gkq.clustered_leaves(quantized)))
 
 
-def equal_bytes(ctx: pipeline.Context, state, results: dict) -> dict:
-  config = ctx.config
-  rules = pipeline.cluster_rules(config)
-  base = state.params
-  # Checked before any importance is computed (minutes on a real model).
+def check_config(config) -> None:
+  """(run by ``run.check_config`` before any training)"""
   unknown = [m for m in config.equal_bytes.methods if m not in METHODS]
   if unknown:
     raise ValueError(f"equal_bytes.methods {unknown} are not among {tuple(METHODS)}.")
-  importances = {kind: pipeline.importance_of(ctx, state, kind)
+
+
+def equal_bytes(ctx: context.Context, state, results: dict) -> dict:
+  config = ctx.config
+  rules = context.cluster_rules(config)
+  base = state.params
+  importances = {kind: context.importance_of(ctx, state, kind)
                  for kind in {METHODS[m][0] for m in config.equal_bytes.methods} | {"grad_sq"}}
   damped_grad_sq = gkq.damp_importance(importances["grad_sq"], config.quantize.damping)
   rows = []

@@ -24,7 +24,7 @@ from absl import logging
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gkq_jax.job import augment as augment_lib
+from gkq_jax.job.data import augment as augment_lib
 
 
 class TrainState(train_state.TrainState):

@@ -25,13 +25,14 @@ import numpy as np
 import optax
 
 import gkq_jax as gkq
+from gkq_jax.job import context
 
 VECTOR_GRANULARITIES = ("row", "vector")
 IMPORTANCE = ("none", "grad_sq", "abs_grad")
 
 
 def check_config(config) -> None:
-  """The dkm block's settings, checked before any training."""
+  """The dkm block's settings (run by ``run.check_config`` before any training)."""
   d = config.dkm
   if not isinstance(d.strength, (int, float)) or not math.isfinite(d.strength) or d.strength < 0:
     raise ValueError(f"dkm.strength (the regulariser's lambda) must be a number >= 0, got "
@@ -45,13 +46,13 @@ def check_config(config) -> None:
                      f">= 1, got {d.refresh_every!r}.")
   if not isinstance(d.epochs, int) or d.epochs < 0:
     raise ValueError(f"dkm.epochs must be an integer >= 0, got {d.epochs!r}.")
-  if d.form not in gkq.dkm.FORMS:
-    raise ValueError(f"dkm.form={d.form!r} is not one of {gkq.dkm.FORMS}.")
+  if d.form not in gkq.DKM_FORMS:
+    raise ValueError(f"dkm.form={d.form!r} is not one of {gkq.DKM_FORMS}.")
   if d.importance not in IMPORTANCE:
     raise ValueError(f"dkm.importance={d.importance!r} is not one of {IMPORTANCE}.")
-  if d.on_degenerate not in gkq.dkm.ON_DEGENERATE:
+  if d.on_degenerate not in gkq.DKM_ON_DEGENERATE:
     raise ValueError(f"dkm.on_degenerate={d.on_degenerate!r} is not one of "
-                     f"{gkq.dkm.ON_DEGENERATE}.")
+                     f"{gkq.DKM_ON_DEGENERATE}.")
   if config.quantize.granularity in VECTOR_GRANULARITIES and config.prune.enabled:
     raise ValueError(f"quantize.granularity={config.quantize.granularity!r} has no pinned zero "
                      "for pruned weights; set prune.enabled=False or quantize.granularity="
@@ -105,11 +106,11 @@ def regularizer(params, rules, granularity: str, importance, cfg, seed: int):
   return gkq.merge_states(*states)
 
 
-def run(ctx, state, rules, masks, importance_of):
+def run(ctx, state, rules, masks):
   """The dkm stage: ``dkm.epochs`` of training with the k-means regulariser."""
   config = ctx.config
   cfg = config.dkm
-  imp = None if cfg.importance == "none" else importance_of(ctx, state, cfg.importance)
+  imp = None if cfg.importance == "none" else context.importance_of(ctx, state, cfg.importance)
   reg = regularizer(state.params, rules, config.quantize.granularity, imp, cfg, config.seed)
   strength = float(cfg.strength)
   if cfg.strength_start:  # geometric ramp from strength_start to strength over the stage

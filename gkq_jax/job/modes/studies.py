@@ -13,17 +13,18 @@ import jax
 from absl import logging
 
 import gkq_jax as gkq
-from gkq_jax.job import pipeline
+from gkq_jax.job import context
 from gkq_jax.job import report as report_lib
+from gkq_jax.job.modes import compress as pipeline
 
 
-def sensitivity(ctx: pipeline.Context, state, results: dict) -> dict:
+def sensitivity(ctx: context.Context, state, results: dict) -> dict:
   """Quantize one layer at a time (the rest stays fp32) at each bit width."""
   config = ctx.config
-  rules = pipeline.cluster_rules(config)
+  rules = context.cluster_rules(config)
   paths = [path for path, use in gkq.named_leaves(gkq.selected_leaves(state.params, rules))
            if use]
-  imp = pipeline.importance_of(ctx, state, config.quantize.importance)
+  imp = context.importance_of(ctx, state, config.quantize.importance)
   rows = []
   for path in paths:
     for bits in config.sensitivity.bits:
@@ -53,12 +54,12 @@ COMPARE_METHODS = {
 }
 
 
-def compare(ctx: pipeline.Context, state, results: dict) -> dict:
+def compare(ctx: context.Context, state, results: dict) -> dict:
   """Accuracy of each quantization method at equal bits, before / after fine-tuning."""
   config = ctx.config
   base_params = state.params
   # One importance per kind, shared by every bit width (all ones for "none").
-  importances = {kind: pipeline.importance_of(ctx, state, kind)
+  importances = {kind: context.importance_of(ctx, state, kind)
                  for kind in {m[0] for m in COMPARE_METHODS.values()}}
   rows = []
   for bits in config.compare.bits:
