@@ -6,9 +6,13 @@ Only process 0 writes: under ``jax.distributed`` every host runs the same code.
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import math
+import os
 import pathlib
+import platform
+import subprocess
 from typing import Any
 
 import jax
@@ -52,6 +56,57 @@ class MetricWriter:
 def write_results(workdir: pathlib.Path, results: dict) -> None:
   if _is_writer():
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def _git_commit() -> str | None:
+  """The checkout's commit (with ``+dirty`` when it has uncommitted changes), if any."""
+  root = pathlib.Path(__file__).resolve().parents[2]
+  git = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                     text=True, timeout=10, check=True).stdout.strip()
+  try:
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return head + ("+dirty" if dirty else "")
+
+
+def _machine() -> str:
+  device = jax.devices()[0]
+  kind = device.device_kind if device.platform != "cpu" else f"{os.cpu_count()}-core CPU"
+  return f"{kind} ({platform.machine()}, jax {jax.__version__})"
+
+
+def _stage_table(results: dict) -> dict:
+  """The default table of a run: test (and validation) accuracy per stage."""
+  stages = results.get("accuracy", {})
+  validation = results.get("validation_accuracy", {})
+  columns = ["stage", "test accuracy"] + (["validation accuracy"] if validation else [])
+  rows = [[stage, acc] + ([validation.get(stage)] if validation else [])
+          for stage, acc in stages.items()]
+  return {"columns": columns, "rows": rows,
+          "formats": {"test accuracy": ".2%", "validation accuracy": ".2%"}}
+
+
+SUMMARY_FIGURES = ("accuracy", "validation_accuracy", "compression_ratio", "compressed_bytes",
+                   "fp32_bytes", "parameters")
+
+
+def write_summary(workdir: pathlib.Path, config, results: dict, command: str) -> dict:
+  """``summary.json``: what a docs table is rendered from (``tools/render_results.py``):
+  the command, the commit, the date, the machine, the config, the headline
+  figures and the run's table (``results["table"]`` when the mode made one,
+  else accuracy per stage)."""
+  summary = {
+      "command": command, "commit": _git_commit(),
+      "date": datetime.date.today().isoformat(), "machine": _machine(),
+      "source": "job summary", "config": json.loads(config.to_json_best_effort()),
+      "figures": {k: results[k] for k in SUMMARY_FIGURES if k in results},
+      **results.get("table", _stage_table(results)),
+  }
+  if _is_writer():
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+  return summary
 
 
 # -------------------------------------------------------------- compression

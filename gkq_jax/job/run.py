@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shlex
+import sys
 
 import jax
 import numpy as np
@@ -107,8 +109,10 @@ def check_model(config, model, sample_shape) -> None:
     survey.check_config(config, model, sample_shape)
 
 
-def run(config, workdir) -> dict:
-  """Runs the configured mode; returns its results dict (also in results.json)."""
+def run(config, workdir, command: str | None = None) -> dict:
+  """Runs the configured mode; returns its results dict (also in results.json,
+  and its summary for the docs in summary.json with ``command``, by default
+  this process's command line)."""
   check_config(config)
   if config.distributed:
     jax.distributed.initialize()
@@ -132,6 +136,7 @@ def run(config, workdir) -> dict:
   ctx.score(results, "baseline", state)
   results = MODES[config.mode](ctx, state, results)
   report_lib.write_results(workdir, results)
+  report_lib.write_summary(workdir, config, results, command or shlex.join(sys.argv))
   # The whole of results.json (energy per layer, allocations) would bury the log.
   summary = {k: results[k] for k in ("accuracy", "validation_accuracy", "compression_ratio")
              if k in results}
