@@ -1,11 +1,11 @@
 """ResNet-34 (CIFAR stem, as the seed's). Variants: ``:cifar10``, ``:survey_cifar10``
-(every compression method side by side; GPU), ``:imagenet`` (ImageNet stem, streamed), ``:smoke``.
+(every compression method side by side; GPU), ``:imagenet`` (ImageNet stem, streamed), ``:smoke``::
 
-python main.py --config=configs/resnet34.py            # digits, offline, 2-core CPU
-python main.py --config=configs/resnet34.py:cifar10    # tfds:cifar10 (prepared TFDS data)
-python main.py --config=configs/resnet34.py:cifar10 \
-    --config.dataset=folder:../shared/datasets/cifar10-jpg.tar.gz   # a local image folder instead
-python main.py --config=configs/resnet34.py:imagenet   # tfds:imagenet2012, streamed through grain
+  python main.py --config=configs/resnet34.py            # digits, offline, 2-core CPU
+  python main.py --config=configs/resnet34.py:cifar10    # tfds:cifar10 (prepared TFDS data)
+  python main.py --config=configs/resnet34.py:cifar10 \
+      --config.dataset=folder:../shared/datasets/cifar10-jpg.tar.gz   # a local image folder
+  python main.py --config=configs/resnet34.py:imagenet   # tfds:imagenet2012, streamed (grain)
 """
 
 from configs import default

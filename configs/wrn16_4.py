@@ -1,8 +1,8 @@
-"""WRN-16-4 (dropout 0.3), Deep k-Means' CIFAR-10 model. Variants: ``:cifar10``, ``:smoke``.
+"""WRN-16-4 (dropout 0.3), Deep k-Means' CIFAR-10 model. Variants: ``:cifar10``, ``:smoke``::
 
-python main.py --config=configs/wrn16_4.py            # digits, offline, CPU
-python main.py --config=configs/wrn16_4.py:cifar10    # tfds:cifar10 (GPU); a local copy:
-    --config.dataset=folder:../shared/datasets/cifar10-jpg.tar.gz
+  python main.py --config=configs/wrn16_4.py            # digits, offline, CPU
+  python main.py --config=configs/wrn16_4.py:cifar10    # tfds:cifar10 (GPU); a local copy:
+      --config.dataset=folder:../shared/datasets/cifar10-jpg.tar.gz
 
 ``:cifar10`` is Deep k-Means' setting: train WRN-16-4, retrain with the k-means
 regulariser at the sharing's K, share the conv kernels' rows (vectors of 3)

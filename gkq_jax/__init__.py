@@ -6,6 +6,7 @@ in :mod:`gkq_jax.job` (``pip install 'gkq_jax[job]'``) and is never imported her
 
 from gkq_jax._clustering import Clustering
 from gkq_jax._paths import named_leaves, path_string
+from gkq_jax._version import __version__
 from gkq_jax.allocation import ALLOCATIONS, BudgetResult, Choice, allocate, quantize_to_budget
 from gkq_jax.allocation import METHODS as BUDGET_METHODS
 from gkq_jax.axes import LeafAxes, layer_axes
@@ -108,6 +109,7 @@ from gkq_jax.structured import (
 )
 
 __all__ = [
+    "__version__",
     "Clustering", "named_leaves", "path_string", "CorruptFileError", "load", "save",
     "optimal_centroids", "IMPORTANCE_KINDS", "compute_importance", "grouped_kmeans_1d",
     "kmeans_1d", "weighted_error", "kmeans_vectors", "apply_masks", "keep_pruned",

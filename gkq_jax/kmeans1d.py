@@ -147,7 +147,7 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
 
   Args:
     values: (N,) floats; group g is ``values[sum(group_sizes[:g]):][:group_sizes[g]]``.
-    importance: (N,) non-negative weights (e.g. mean |dL/dw| or mean g^2), or
+    importance: (N,) non-negative weights (e.g. mean ``|dL/dw|`` or mean g^2), or
       None for plain k-means. A group whose importance is all zero falls back
       to uniform weights (with a warning when called outside jit).
     group_sizes: static positive sizes summing to N.
@@ -233,7 +233,7 @@ def kmeans_1d(values, importance=None, num_clusters: int = 16, **kwargs) -> Clus
 
 
 def weighted_error(values, importance, centroids, assignments, objective="l2"):
-  """sum h (x - c_a)^2 (l2) or sum h |x - c_a| (l1) for one group."""
+  """``sum h (x - c_a)^2`` (l2) or ``sum h |x - c_a|`` (l1) for one group."""
   diff = jnp.abs(jnp.asarray(values) - jnp.asarray(centroids)[assignments])
   h = jnp.ones_like(diff) if importance is None else jnp.asarray(importance)
   return jnp.sum(h * (diff * diff if objective == "l2" else diff))
