@@ -54,9 +54,11 @@ def render(summary: dict) -> str:
   lines.append("")
   commands = summary["command"] if isinstance(summary["command"], list) else [summary["command"]]
   lines += ["```bash", *commands, "```", ""]
-  where = ", ".join(str(summary[k]) for k in ("date", "machine") if summary.get(k))
+  date = summary.get("date") or "not recorded"
+  when = f"on {date}" if date != "not recorded" else "(date not recorded)"
+  provenance = f"Measured {when} on {summary.get('machine') or 'a machine not recorded'}"
   commit = summary.get("commit")
-  provenance = f"Measured {where}" + (f" at commit `{commit}`" if commit else "")
+  provenance += f" at commit `{commit}`" if commit else ""
   if summary.get("source"):
     provenance += f"; {summary['source']}"
   lines.append(provenance + f" (`results/{summary['name']}.json`).")
