@@ -5,8 +5,11 @@ and a workdir, so tests drive the same code on tiny data.
 
 Modes (:mod:`gkq_jax.job.modes`): ``train`` (baseline only), ``compress`` (the
 full pipeline, default), ``sensitivity`` and ``compare``, ``equal_bytes``,
-``survey``. Every setting is checked before anything trains: what needs no
-data by :func:`check_config`, what needs the model by :func:`check_model`.
+``survey``; for transformers (:data:`TRANSFORMER_MODES`, their own text data and
+Hugging Face checkpoints, called as ``mode(config, workdir)``): ``lm``
+(configs/llama.py) and ``embeddings`` (configs/minilm.py). Every setting is
+checked before anything trains: what needs no data by :func:`check_config`,
+what needs the model by :func:`check_model`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from gkq_jax.job import report as report_lib
 from gkq_jax.job.data import images as data_lib
 from gkq_jax.job.data import streaming
 from gkq_jax.job.modes import compress as pipeline
-from gkq_jax.job.modes import dkm_stage, equal_bytes, qat_stage, studies, survey
+from gkq_jax.job.modes import dkm_stage, embeddings, equal_bytes, lm, qat_stage, studies, survey
 from gkq_jax.job.training import train as train_lib
 
 MODES = {
@@ -37,7 +40,10 @@ MODES = {
     "compare": studies.compare,
     "equal_bytes": equal_bytes.equal_bytes,
     "survey": survey.survey,
+    "lm": lm.lm,
+    "embeddings": embeddings.embeddings,
 }
+TRANSFORMER_MODES = ("lm", "embeddings")  # mode(config, workdir) -> results: no image data
 
 
 def prepare_workdir(workdir) -> pathlib.Path:
@@ -100,6 +106,8 @@ def check_config(config) -> None:
   dkm_stage.check_config(config)
   qat_stage.check_config(config)
   equal_bytes.check_config(config)
+  lm.check_config(config)
+  embeddings.check_config(config)
   context.cluster_rules(config)  # parses quantize.rules
 
 
@@ -117,6 +125,12 @@ def run(config, workdir, command: str | None = None) -> dict:
   if config.distributed:
     jax.distributed.initialize()
   workdir = prepare_workdir(workdir)
+  if config.mode in TRANSFORMER_MODES:
+    results = MODES[config.mode](config, workdir)
+    report_lib.write_results(workdir, results)
+    report_lib.write_summary(workdir, config, results, command or shlex.join(sys.argv))
+    logging.info("results in %s", workdir / "results.json")
+    return results
   data = load_data(config)
   logging.info("data %s: %d train examples of shape %s, %d classes", data.name,
                data.num_train, data.sample_shape, data.num_classes)
