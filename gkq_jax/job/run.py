@@ -98,6 +98,12 @@ def load_data(config):
   return carve(data, config.validation_size, config.seed) if config.validation_size else data
 
 
+def _command_line() -> str:
+  """This process's command as typed (``python main.py ...``)."""
+  argv = list(sys.argv)
+  return shlex.join((["python"] if argv and argv[0].endswith(".py") else []) + argv)
+
+
 def check_config(config) -> None:
   """Every setting that can be checked without data or model, whatever the mode."""
   if config.mode not in MODES:
@@ -128,7 +134,7 @@ def run(config, workdir, command: str | None = None) -> dict:
   if config.mode in TRANSFORMER_MODES:
     results = MODES[config.mode](config, workdir)
     report_lib.write_results(workdir, results)
-    report_lib.write_summary(workdir, config, results, command or shlex.join(sys.argv))
+    report_lib.write_summary(workdir, config, results, command or _command_line())
     logging.info("results in %s", workdir / "results.json")
     return results
   data = load_data(config)
@@ -150,7 +156,7 @@ def run(config, workdir, command: str | None = None) -> dict:
   ctx.score(results, "baseline", state)
   results = MODES[config.mode](ctx, state, results)
   report_lib.write_results(workdir, results)
-  report_lib.write_summary(workdir, config, results, command or shlex.join(sys.argv))
+  report_lib.write_summary(workdir, config, results, command or _command_line())
   # The whole of results.json (energy per layer, allocations) would bury the log.
   summary = {k: results[k] for k in ("accuracy", "validation_accuracy", "compression_ratio")
              if k in results}
