@@ -34,7 +34,7 @@ from gkq_jax.ecsq import (
     grouped_uniform_1d,
     uniform_for_rate,
 )
-from gkq_jax.encode import CorruptFileError, coded_bytes, load, save
+from gkq_jax.encode import CorruptFileError, coded_bytes, load, save, stored_bytes
 from gkq_jax.energy import EnergyCosts, EnergyEstimate, estimate_energy
 from gkq_jax.exact1d import optimal_centroids
 from gkq_jax.flax_runtime import apply_packed, merge_packed
@@ -89,6 +89,7 @@ from gkq_jax.qat import (
 )
 from gkq_jax.quantize import GRANULARITIES, quantize
 from gkq_jax.reassign import fake_reassign, reassign
+from gkq_jax.rtn import rtn_array, rtn_quantize
 from gkq_jax.rules import (
     DEFAULT_RULES,
     ClusterRule,
@@ -128,14 +129,14 @@ __all__ = [
     "KMeansRegularizerState", "add_kmeans_regularizer", "kmeans_regularizer",
     "kmeans_regularizer_grad", "kmeans_regularizer_init", "merge_states",
     "refresh_kmeans_regularizer", "strength_ramp",
-    "BudgetResult", "Choice", "allocate", "coded_bytes", "quantize_to_budget",
+    "BudgetResult", "Choice", "allocate", "coded_bytes", "stored_bytes", "quantize_to_budget",
     "EntropyClustering", "ecsq_1d", "ecsq_for_rate", "ecsq_objective", "grouped_ecsq_1d",
     "grouped_uniform_1d", "uniform_for_rate", "cubic_sparsity", "saliency_masks",
     "damp_importance",
     "PackedArray", "is_packed", "pack", "pack_indices", "pack_tree", "unpack", "unpack_indices",
     "unpack_tree", "apply_packed", "merge_packed", "lut_matmul", "lut_matmul_reference",
     "lut_unsupported", "cluster_per_channel", "stream_per_channel", "fake_reassign", "reassign",
-    "LeafAxes", "layer_axes",
+    "LeafAxes", "layer_axes", "rtn_array", "rtn_quantize",
     # Option values the job and users validate against.
     "ALLOCATIONS", "BUDGET_METHODS", "DEFAULT_CHUNK_VALUES", "DKM_FORMS", "DKM_ON_DEGENERATE",
     "KMEANS_INITS", "KMEANS_METHODS", "KMEANS_OBJECTIVES", "PRUNE_SCOPES",

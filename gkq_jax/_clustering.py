@@ -8,6 +8,7 @@ out = checkify.checkify(jax.jit(f))(...); err.throw()``).
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -63,3 +64,24 @@ def check_nonnegative(name: str, array) -> None:
   if (a < 0).any():
     raise ValueError(f"{name} must be non-negative (use |g| or g^2), found "
                      f"{int((a < 0).sum())} negative entries.")
+
+
+def warn_unweighted(caller: str, paths, importances, stacklevel: int = 3) -> None:
+  """Warns when some clustered leaves have importance and others have None.
+
+  ``None`` means "no importance" and is what :func:`gkq_jax.compute_importance`
+  gives leaves that are never clustered (nnx RNG keys, counts). For a leaf the
+  rules do cluster while its siblings are weighted it is almost always a
+  mistake (a tree built by hand, a filter gone wrong), and that leaf would be
+  clustered unweighted without a word. A warning, not an error: plain k-means
+  on one leaf is a legitimate choice, said explicitly with an array of ones.
+  """
+  missing = [path for path, imp in zip(paths, importances) if imp is None]
+  if not missing or len(missing) == len(paths):
+    return
+  more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+  warnings.warn(
+      f"{caller}: the importance of {missing[0]!r}{more} is None but the rules cluster it "
+      "while the other clustered leaves have importance, so it is clustered unweighted "
+      "(plain k-means); give it an importance array (jnp.ones_like(leaf) for unweighted on "
+      "purpose) or pass importance=None for plain k-means everywhere.", stacklevel=stacklevel)

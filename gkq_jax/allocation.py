@@ -25,11 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gkq_jax import _distinct
 from gkq_jax import ecsq as ecsq_lib
 from gkq_jax import rules as rules_lib
+from gkq_jax._clustering import warn_unweighted
+from gkq_jax._histogram import group_ids
 from gkq_jax._paths import named_leaves
 from gkq_jax.clustered import ClusteredArray
-from gkq_jax.encode import coded_bytes
+from gkq_jax.encode import stored_bytes
 from gkq_jax.kmeans1d import grouped_kmeans_1d
 
 METHODS = ("kmeans", "ecsq", "uniform")
@@ -128,7 +131,7 @@ class Choice(NamedTuple):
   method: str  # "kmeans", "ecsq" or "uniform"
   setting: float  # K, lam, or cell width
   num_clusters: int  # codebook entries (a pinned zero included)
-  bytes: int  # codebook + coded indices in the file
+  bytes: int  # what the file spends on the layer (gkq_jax.stored_bytes)
   distortion: float  # sum h (w - q)^2
 
 
@@ -140,7 +143,7 @@ class BudgetResult(NamedTuple):
 class _Problem:
   """The selected leaves of a params tree laid out for grouped clustering."""
 
-  def __init__(self, params, importance, rules, masks, pin_zero):
+  def __init__(self, params, importance, rules, masks, pin_zero, room):
     named = named_leaves(params)
     self.treedef = jax.tree.structure(params)
     self.leaves = [leaf for _, leaf in named]
@@ -164,7 +167,10 @@ class _Problem:
         imps = leaves
       else:
         mask_leaves = leaves
-    self.layout, xs, hs = [], [], []
+    if importance is not None:
+      warn_unweighted("quantize_to_budget", [named[i][0] for i in self.chosen],
+                      [imps[i] for i in self.chosen], stacklevel=4)
+    self.layout, self.dtypes, xs, hs = [], [], [], []
     for i in self.chosen:
       path, leaf = named[i]
       w = np.asarray(leaf, np.float32).reshape(-1)
@@ -179,6 +185,7 @@ class _Problem:
       kept = np.flatnonzero(keep)
       pinned = bool(pin_zero or kept.size < w.size)
       self.layout.append(_Leaf(path, tuple(np.shape(leaf)), kept, pinned, w.size - kept.size))
+      self.dtypes.append(np.dtype(jnp.result_type(leaf)))
       xs.append(w[kept])
       hs.append(imp[kept])
     self.x, self.h = np.concatenate(xs), np.concatenate(hs)
@@ -192,6 +199,15 @@ class _Problem:
     # Weighted spread per value: the natural unit of lam for each layer.
     self.spread = np.maximum(np.add.reduceat(h * centred ** 2, starts) / self.sizes, 1e-30)
     self.reach = np.maximum.reduceat(np.abs(x), starts)
+    # Each layer's distinct values: where a candidate has room for all of them, they are
+    # its codebook exactly (lossless), whatever the method computed.
+    # ``room``: the most entries any candidate's codebook has.
+    seg = group_ids(self.sizes)
+    count = np.asarray(_distinct.distinct(self.x, seg, num_groups=len(self.sizes), width=1)[0])
+    width = int(max(count[count <= room], default=1))
+    self.distinct_count, book, rank = (np.asarray(a) for a in _distinct.distinct(
+        self.x, seg, num_groups=len(self.sizes), width=width))
+    self.distinct_book, self.distinct_rank = book, rank
 
   def settings(self, centroids, assignments, num_used, shift_pinned):
     """Per leaf: the _Setting of one grouped result (``shift_pinned``: the
@@ -201,23 +217,30 @@ class _Problem:
     for g, (leaf, n) in enumerate(zip(self.layout, self.sizes)):
       a = assignments[offset:offset + n].astype(np.int64)
       book = centroids[g, :int(num_used[g])].astype(np.float32)
+      shift = leaf.pinned and shift_pinned
+      # Room for every distinct value (beside a pinned zero the clusterer kept): lossless.
+      if self.distinct_count[g] <= num_used[g] - (leaf.pinned and not shift_pinned):
+        book = self.distinct_book[g, :self.distinct_count[g]]
+        a, shift = self.distinct_rank[offset:offset + n].astype(np.int64), leaf.pinned
       err = self.x[offset:offset + n].astype(np.float64) - book[a]
       distortion = float(np.dot(self.h[offset:offset + n], err * err))
       offset += n
-      if leaf.pinned and shift_pinned:
+      if shift:
         book, a = np.concatenate([np.zeros(1, np.float32), book]), a + 1
       full = np.zeros(int(np.prod(leaf.shape)), np.int64)
       full[leaf.kept] = a
-      nbytes = 4 * book.size + coded_bytes(full, book.size, sparse=leaf.pinned)
       dtype = np.uint8 if book.size <= 256 else np.uint16
-      out.append(_Setting(book, full.reshape(leaf.shape).astype(dtype), nbytes, distortion))
+      indices = full.reshape(leaf.shape).astype(dtype)
+      nbytes = stored_bytes(ClusteredArray(book[None, :], indices, pinned_zero=leaf.pinned,
+                                           dtype=self.dtypes[g]))
+      out.append(_Setting(book, indices, nbytes, distortion))
     return out
 
   def build(self, picked: Sequence[_Setting]):
     out = list(self.leaves)
-    for i, leaf, s in zip(self.chosen, self.layout, picked):
+    for i, leaf, s, dtype in zip(self.chosen, self.layout, picked, self.dtypes):
       out[i] = ClusteredArray(jnp.asarray(s.codebook[None, :]), jnp.asarray(s.indices),
-                              pinned_zero=leaf.pinned)
+                              pinned_zero=leaf.pinned, dtype=dtype)
     return jax.tree_util.tree_unflatten(self.treedef, out)
 
 
@@ -326,7 +349,8 @@ def quantize_to_budget(params: Any, importance: Any, rules: Sequence[rules_lib.C
     raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes}.")
   if min(clusters) < 2:
     raise ValueError(f"clusters must all be >= 2, got {tuple(clusters)}.")
-  problem = _Problem(params, importance, rules, masks, pin_zero)
+  problem = _Problem(params, importance, rules, masks, pin_zero,
+                     room=max(max(clusters), ecsq_clusters, ecsq_lib.MAX_CELLS + 1))
   key = jax.random.PRNGKey(0) if key is None else key
   families = [_Candidates(problem, m, key, ecsq_clusters, cluster_options) for m in methods]
   L = len(problem.layout)

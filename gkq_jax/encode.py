@@ -4,21 +4,30 @@ Layout: ``MAGIC | u16 version | u32 header length | zlib(JSON header) |
 sections | sha256 of everything before it``. Each leaf of the params tree is one entry:
 
   * ``raw``: the array's bytes (biases, norms, anything not clustered);
-  * ``clustered``: the float32 codebook, and the indices coded the smallest of
+  * ``clustered``: the codebook, and the indices coded the smallest of
     three ways: fixed width, Huffman, or (for pruned leaves) Deep
     Compression's relative index: the gaps between non-zero weights (with
     filler entries where a gap overflows its bits) and their indices, both
-    Huffman-coded.
+    Huffman-coded. The codebook is a float32 table, or (version 3), where
+    every row is exactly the uniform grid ``(i + offset) * scale`` with a 0
+    entry (a QAT codebook: ``2**bits`` levels per channel), two float32 per
+    row, ``offset`` and ``scale``. Where codebook and indices would take more
+    bytes than the dense leaf (a tiny layer, 256 levels for a few weights per
+    channel), the dequantized weights are stored as they are, in the leaf's
+    dtype (version 3), so no leaf takes more room than the weights it replaces.
 
-Loading gives the same ClusteredArrays back, so the dequantized params, and
-the logits computed from them, are bit-identical to the in-memory model.
+Loading gives the same ClusteredArrays back (a leaf stored dense comes back as
+a ClusteredArray of the same layout, its codebook rows the distinct values of
+their weights), so the dequantized params, and the logits computed from them,
+are bit-identical to the in-memory model.
 
 Version 2 also stores the tree itself (header ``tree``): dicts with their str
 and int keys (a key may contain '/'), lists, tuples, None, FrozenDicts, nnx
 States and Variables (Param, BatchStat, RNG keys and counts...), so ``load``
 gives back the structure that was saved; other pytree nodes come back as
 dicts. An entry's ``path`` joins its keys with '/', each key with '%' and '/'
-escaped as %25 and %2F. Version 1 files (paths only) are still read.
+escaped as %25 and %2F. Version 1 files (paths only) and version 2 files
+(float32 tables only) are still read.
 """
 
 from __future__ import annotations
@@ -37,12 +46,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gkq_jax import huffman
+from gkq_jax import _distinct, _vectors, huffman
 from gkq_jax._paths import path_keys
 from gkq_jax.clustered import ClusteredArray, is_clustered
 
 MAGIC = b"GKQJAX\0"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SPARSE_GAP_BITS = range(2, 9)  # the relative index's gap widths tried
 
 
@@ -142,6 +151,58 @@ def coded_bytes(indices, num_clusters: int, sparse: bool = False) -> int:
   return min(options)
 
 
+def _grid_values(offset: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+  """Rows ``(i + offset) * scale``, i = 0..k-1, in float32 as load rebuilds them."""
+  return ((np.arange(k, dtype=np.float32)[None, :] + offset[:, None].astype(np.float32))
+          * scale[:, None].astype(np.float32))
+
+
+def _grid(book: np.ndarray):
+  """(offset, scale) per codebook row when every row is exactly a uniform grid
+  ``(i + offset) * scale`` with a 0 entry (bit for bit, as :func:`_grid_values`
+  rebuilds it) and two numbers per row are fewer than the table; else None."""
+  k = book.shape[-1]
+  rows = book.reshape(-1, k)
+  if k < 3:
+    return None
+  zero = rows == 0
+  if not zero.any(axis=1).all():
+    return None
+  at = np.argmax(zero, axis=1)  # offset = -at: (at + offset) * scale = 0
+  r = np.arange(rows.shape[0])
+  # The neighbour of the 0 entry is +-scale exactly: (+-1) * scale rounds to itself.
+  scale = np.where(at + 1 < k, rows[r, np.minimum(at + 1, k - 1)],
+                   -rows[r, np.maximum(at - 1, 0)]).astype(np.float32)
+  offset = (-at).astype(np.float32)
+  if not np.isfinite(scale).all():
+    return None
+  if not np.array_equal(_grid_values(offset, scale, k).view(np.uint32), rows.view(np.uint32)):
+    return None
+  return offset, scale
+
+
+def _clustered_costs(leaf) -> tuple:
+  """(codebook bytes, grid or None, index bytes, dense bytes) of a ClusteredArray."""
+  book = np.asarray(leaf.codebook, np.float32)
+  grid = None if leaf.vector_shape else _grid(book)
+  book_bytes = 4 * book.size if grid is None else 8 * grid[0].size
+  sparse = leaf.pinned_zero and leaf.vector_shape is None
+  index_bytes = coded_bytes(leaf.indices, leaf.num_clusters, sparse=sparse)
+  dense_bytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+  return book_bytes, grid, index_bytes, dense_bytes
+
+
+def stored_bytes(leaf) -> int:
+  """Bytes :func:`save` spends on one leaf: a dense array's bytes; for a
+  :class:`ClusteredArray` its codebook (a float32 table, or two float32 per
+  row for uniform grids) plus its coded indices (:func:`coded_bytes`), or the
+  dense weights where those take fewer bytes than that."""
+  if not is_clustered(leaf):
+    return int(np.asarray(leaf).nbytes)
+  book_bytes, _, index_bytes, dense_bytes = _clustered_costs(leaf)
+  return int(min(book_bytes + index_bytes, dense_bytes))
+
+
 def _escape(key) -> str:
   return str(key).replace("%", "%25").replace("/", "%2F")
 
@@ -200,17 +261,24 @@ def _leaf_entry(name: str, leaf, sections: _Sections) -> dict:
   if is_clustered(leaf):
     book = np.asarray(leaf.codebook, np.float32)
     idx = np.asarray(leaf.indices).reshape(-1).astype(np.int64)
-    k = book.shape[0] if leaf.vector_shape else book.shape[-1]
     stacked = {"stacked": int(leaf.stacked)} if leaf.stacked else {}  # older files: none
-    return {
+    entry = {
         **stacked, "path": name, "kind": "clustered", "index_shape": list(leaf.indices.shape),
-        "index_dtype": str(np.asarray(leaf.indices).dtype),
-        "codebook_shape": list(book.shape), "codebook": sections.add(book.tobytes()),
+        "index_dtype": str(np.asarray(leaf.indices).dtype), "codebook_shape": list(book.shape),
         "vector_shape": list(leaf.vector_shape) if leaf.vector_shape else None,
         "vector_axis": int(leaf.vector_axis),
-        "pinned_zero": bool(leaf.pinned_zero), "dtype": np.dtype(leaf.dtype).name,
-        "indices": _encode_indices(idx, k, leaf.pinned_zero and leaf.vector_shape is None,
-                                   sections)}
+        "pinned_zero": bool(leaf.pinned_zero), "dtype": np.dtype(leaf.dtype).name}
+    book_bytes, grid, index_bytes, dense_bytes = _clustered_costs(leaf)
+    if book_bytes + index_bytes > dense_bytes:  # the codebook costs more than it saves
+      dense = np.asarray(leaf.dequantize())
+      return {**entry, "dense": sections.add(dense.tobytes())}
+    if grid is None:
+      entry["codebook"] = sections.add(book.tobytes())
+    else:
+      entry["grid"] = {"offset": sections.add(grid[0].astype("<f4").tobytes()),
+                       "scale": sections.add(grid[1].astype("<f4").tobytes())}
+    return {**entry, "indices": _encode_indices(
+        idx, leaf.num_clusters, leaf.pinned_zero and leaf.vector_shape is None, sections)}
   entry = {"path": name, "kind": "raw"}
   if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
     entry["key_impl"] = str(jax.random.key_impl(leaf))
@@ -228,9 +296,12 @@ def save(path, tree: Any) -> tuple[int, dict]:
   """Writes a (partly) quantized params tree, its structure included.
 
   Returns the file size in bytes and, per leaf path (keys joined by '/', a '/'
-  inside a key escaped as %2F), the bytes its sections take and how its
-  indices were coded. Raises before writing anything if the tree has a key
-  that is neither str nor int, or two keys that differ only in type.
+  inside a key escaped as %2F), the bytes its sections take (as
+  :func:`stored_bytes` computes them) and how its indices were coded ("raw"
+  for a clustered leaf stored dense); a clustered leaf's entry also says how
+  its codebook was stored ("table", "grid" or "none (dense)"). Raises before
+  writing anything if the tree has a key that is neither str nor int, or two
+  keys that differ only in type.
   """
   leaves: list = []
   spec = _describe(tree, (), leaves)
@@ -242,8 +313,11 @@ def save(path, tree: Any) -> tuple[int, dict]:
                        "such as 1 and '1'); rename one before saving.")
     before = sections.buffer.tell()
     entries.append(_leaf_entry(name, leaf, sections))
-    coding = entries[-1]["indices"]["coding"] if entries[-1]["kind"] == "clustered" else "raw"
+    coding = entries[-1]["indices"]["coding"] if "indices" in entries[-1] else "raw"
     sizes[name] = {"bytes": sections.buffer.tell() - before, "coding": coding}
+    if entries[-1]["kind"] == "clustered":
+      sizes[name]["codebook"] = ("grid" if "grid" in entries[-1] else
+                                 "table" if "codebook" in entries[-1] else "none (dense)")
   header = zlib.compress(json.dumps({"entries": entries, "tree": spec},
                                     separators=(",", ":")).encode(), 9)
   body = (MAGIC + struct.pack("<HI", FORMAT_VERSION, len(header)) + header
@@ -317,15 +391,57 @@ def _leaf_from_entry(entry: dict, section):
     if "key_impl" in entry:
       leaf = jax.random.wrap_key_data(leaf, impl=entry["key_impl"])
     return leaf
-  book = np.frombuffer(section(entry["codebook"]), np.float32).reshape(entry["codebook_shape"])
+  vector = tuple(entry["vector_shape"]) if entry["vector_shape"] else None
+  layout = dict(vector_shape=vector, pinned_zero=entry["pinned_zero"],
+                vector_axis=entry.get("vector_axis", 0),
+                dtype=np.dtype(entry.get("dtype", "float32")), stacked=int(entry.get("stacked", 0)))
+  if "dense" in entry:
+    return _from_dense(entry, np.frombuffer(section(entry["dense"]), layout["dtype"]), layout)
+  shape = entry["codebook_shape"]
+  if "grid" in entry:
+    offset = np.frombuffer(section(entry["grid"]["offset"]), "<f4")
+    scale = np.frombuffer(section(entry["grid"]["scale"]), "<f4")
+    book = _grid_values(offset, scale, shape[-1]).reshape(shape)
+  else:
+    book = np.frombuffer(section(entry["codebook"]), np.float32).reshape(shape)
   n = int(np.prod(entry["index_shape"]))
   idx = _decode_indices(entry["indices"], n, section)
-  vector = tuple(entry["vector_shape"]) if entry["vector_shape"] else None
   return ClusteredArray(jax.numpy.asarray(book),
                         jax.numpy.asarray(idx.astype(entry["index_dtype"]).reshape(
-                            entry["index_shape"])), vector, entry["pinned_zero"],
-                        entry.get("vector_axis", 0), np.dtype(entry.get("dtype", "float32")),
-                        int(entry.get("stacked", 0)))
+                            entry["index_shape"])), **layout)
+
+
+def _from_dense(entry: dict, dense: np.ndarray, layout: dict) -> ClusteredArray:
+  """The ClusteredArray of a leaf stored dense: each codebook row holds the distinct
+  values (by their bits) of the weights it serves, sorted, padded with the last;
+  a pinned zero stays at index 0. It dequantizes to ``dense`` bit for bit."""
+  shape, index_shape = entry["codebook_shape"], tuple(entry["index_shape"])
+  x = jax.numpy.asarray(dense.astype(np.float32))
+  if layout["vector_shape"] is not None:
+    points, _ = _vectors.to_points(
+        x.reshape(ClusteredArray(np.zeros(shape), np.zeros(index_shape), **layout).shape),
+        layout["vector_axis"], layout["vector_shape"])
+    book, idx = _distinct.distinct_vectors(np.asarray(points), bitwise=True)
+    if len(book) > shape[0]:
+      raise CorruptFileError(f"{entry['path']}: {len(book)} distinct vectors stored dense for "
+                             f"a codebook of {shape[0]}; write the file again.")
+    book = np.concatenate([book, np.repeat(book[-1:], shape[0] - len(book), axis=0)])
+  else:
+    rows = int(np.prod(shape[:-1]))
+    seg = ClusteredArray(np.zeros(shape, np.float32), np.zeros(index_shape, np.int32),
+                         **layout).codebook_rows().reshape(-1)
+    n = seg.size
+    if layout["pinned_zero"]:  # a 0 in every row, so that it takes index 0
+      x = jax.numpy.concatenate([x.reshape(-1), jax.numpy.zeros(rows, np.float32)])
+      seg = jax.numpy.concatenate([seg, jax.numpy.arange(rows, dtype=np.int32)])
+    count, book, idx = _distinct.distinct(x.reshape(-1), seg, num_groups=rows, width=shape[-1],
+                                          zero_first=layout["pinned_zero"], bitwise=True)
+    if int(np.max(count)) > shape[-1]:
+      raise CorruptFileError(f"{entry['path']}: {int(np.max(count))} distinct values stored "
+                             f"dense for a codebook row of {shape[-1]}; write the file again.")
+    book, idx = np.asarray(book).reshape(shape), np.asarray(idx)[:n]
+  return ClusteredArray(jax.numpy.asarray(book), jax.numpy.asarray(
+      np.asarray(idx).astype(entry["index_dtype"]).reshape(index_shape)), **layout)
 
 
 def _nested_by_path(entries: list[dict], leaves: list) -> dict:

@@ -9,7 +9,16 @@ Fisher as used by "Towards the Limit of Network Quantization" and SqueezeLLM
 Only floating-point leaves are differentiated; the others (an nnx state's RNG
 keys and counts, integer buffers) get ``None`` as their importance, which
 :func:`gkq_jax.quantize` accepts, so the whole ``nnx.split(model)`` state can be
-passed as it is.
+passed as it is. ``None`` means "no importance": such a leaf, if a rule
+clusters it, is clustered unweighted (and :func:`gkq_jax.quantize` warns when
+its siblings are weighted).
+
+nnx models: pass the module itself and a loss of the module,
+``compute_importance(lambda model, batch: loss(model(batch[0]), batch[1]), model,
+batches)``. The split, the merge (a fresh copy per traced call, so a
+``__call__`` that updates BatchNorm statistics in train mode or a step counter
+works) and the choice of what to differentiate (the ``nnx.Param`` s) are done
+here; the model itself is left as it was.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 IMPORTANCE_KINDS = ("abs_grad", "grad_sq", "none")
 
@@ -53,22 +63,54 @@ def compute_importance(loss_fn: Callable[[Any, Any], jax.Array], params: Any,
   """A pytree shaped like ``params`` holding each weight's importance.
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``; any pytree of params.
+    loss_fn: ``loss_fn(params, batch) -> scalar``; any pytree of params. With
+      an nnx module as ``params``: ``loss_fn(model, batch) -> scalar``.
     params: the parameters to differentiate: any pytree, e.g. linen params or
-      a whole nnx state (``nnx.split(model)[1]``).
+      a whole nnx state (``nnx.split(model)[1]``); or an ``nnx.Module``, whose
+      ``nnx.Param`` s are differentiated through a fresh copy of the module
+      per traced call (state its ``__call__`` mutates, such as BatchNorm
+      statistics in train mode or a step counter, is updated on the copy and
+      dropped: the module is left as it was).
     batches: an iterable of batches (consumed once).
     kind: "abs_grad", "grad_sq" or "none".
 
   Returns:
-    float32 importance for every floating-point leaf, ``None`` for the others.
+    float32 importance for every floating-point leaf, ``None`` for the others
+    ("no importance": clustered unweighted if a rule selects it). For a
+    module: an ``nnx.State`` shaped like ``nnx.state(model)`` with the
+    importance of every floating-point Param and ``None`` elsewhere (batch
+    statistics, RNG state, counters), to pass with ``nnx.state(model)`` to
+    :func:`gkq_jax.quantize` (``nnx.filter_state(importance, nnx.Param)``
+    goes with ``nnx.state(model, nnx.Param)``).
   """
   if kind not in IMPORTANCE_KINDS:
     raise ValueError(f"kind={kind!r} is not one of {IMPORTANCE_KINDS}.")
+  if isinstance(params, nnx.Module):
+    graphdef, state = nnx.split(params)
+    # copy=True: the module's Variables are made afresh inside each trace, where __call__
+    # may update them; merging the caller's Variables there raises flax's TraceContextError.
+    module_loss = lambda s, batch: loss_fn(nnx.merge(graphdef, s, copy=True), batch)
+    return _importance(module_loss, state, batches, kind, _param_leaves(state))
+  return _importance(loss_fn, params, batches, kind, None)
+
+
+def _param_leaves(state) -> tuple[bool, ...]:
+  """Per leaf of an nnx state: whether it belongs to an ``nnx.Param``."""
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  return tuple(isinstance(node, nnx.Param)
+               for node in jax.tree_util.tree_leaves(state, is_leaf=is_variable)
+               for _ in jax.tree_util.tree_leaves(node))
+
+
+def _importance(loss_fn, params, batches, kind, wrt: tuple[bool, ...] | None) -> Any:
+  """:func:`compute_importance` of the floating-point leaves (among ``wrt``'s, if given)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  floating = tuple(_is_float(leaf) for leaf in leaves)
+  wrt = (True,) * len(leaves) if wrt is None else wrt
+  floating = tuple(_is_float(leaf) and w for leaf, w in zip(leaves, wrt))
   if not any(floating):
     raise ValueError("params has no floating-point leaf to differentiate; pass the model's "
-                     "parameters (e.g. nnx.split(model)[1] or linen's variables).")
+                     "parameters (e.g. nnx.split(model)[1], linen's variables or an nnx "
+                     "module with nnx.Param s).")
   float_leaves = [leaf for leaf, f in zip(leaves, floating) if f]
   other_leaves = [leaf for leaf, f in zip(leaves, floating) if not f]
 

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gkq_jax import _distinct, _inits, _layout, _lloyd, _rows, exact1d
 from gkq_jax import _histogram as hist_lib
-from gkq_jax import _inits, _layout, _lloyd, _rows, exact1d
 from gkq_jax._clustering import Clustering, check_finite, check_nonnegative, is_traced
 
 METHODS = ("hist", "lloyd", "exact")
@@ -175,9 +175,11 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     assignments (N,). A group never holds more than its own number of distinct
     centroid values; with more clusters than distinct values some clusters
     are simply empty (duplicated centroids), never NaN. A group with at most
-    K values gets each value as its own centroid (sorted; the spare slots
-    repeat the largest). Each group's result is the one it gets alone
-    (``kmeans_1d`` on its values, same options and key).
+    its K distinct values (-0.0 and 0.0 count as one) gets exactly those
+    values as its centroids (sorted; the spare slots repeat the largest), so
+    ``centroids[assignments]`` gives its values back exactly, whatever the
+    method. Each group's result is the one it gets alone (``kmeans_1d`` on
+    its values, same options and key).
   """
   _check_options(method, init, objective, max_iter, tol)
   group_sizes = tuple(int(s) for s in group_sizes)
@@ -210,13 +212,17 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
   exact_bins = min(bins or _layout.default_bins(max(group_sizes), K), _EXACT_BINS)
   with jax.ensure_compile_time_eval():  # cached layout arrays: never tracers of this call
     plan, arrays = _layout.make(group_sizes, K, bins)
+    seg = hist_lib.group_ids(group_sizes)
   small = np.flatnonzero(np.asarray(group_sizes) <= k)
-  return _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key, arrays,
-                         jnp.asarray(small, jnp.int32), plan=plan, K=K, method=method,
-                         init=init, objective=objective, max_iter=int(max_iter),
-                         tol=float(tol), exact_bins=int(exact_bins),
-                         refine_iters=int(refine_iters),
-                         exact_max_points=int(exact_max_points))
+  out = _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key, arrays,
+                        jnp.asarray(small, jnp.int32), plan=plan, K=K, method=method,
+                        init=init, objective=objective, max_iter=int(max_iter),
+                        tol=float(tol), exact_bins=int(exact_bins),
+                        refine_iters=int(refine_iters),
+                        exact_max_points=int(exact_max_points))
+  # Every method's result goes through here: a group with at most its K distinct values
+  # gets them exactly (lossless), not centroids computed about the group's centre.
+  return Clustering(*_distinct.exact_groups(values, seg, k, out.centroids, out.assignments))
 
 
 def kmeans_1d(values, importance=None, num_clusters: int = 16, **kwargs) -> Clustering:

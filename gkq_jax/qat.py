@@ -17,7 +17,9 @@ Storage: a uniform quantizer *is* a codebook: the levels of each channel form
 a ``(C, 2**bits)`` codebook and the integer codes are the indices, so
 :func:`gkq_jax.save` writes a QAT model in the same file format as a
 k-means-shared one, and :func:`gkq_jax.dequantize` gives back exactly the
-weights the fake-quantized forward used.
+weights the fake-quantized forward used. The levels are computed as
+``(i - zero) * spacing`` (one rounding), exactly the grid the file stores as
+two numbers per channel instead of ``2**bits`` table entries.
 
 BatchNorm folding (Jacob et al.: "the batch normalization parameters are
 folded into the weights before quantization"): pass ``fold_scales``, the
@@ -69,7 +71,9 @@ def _affine(w, bits: int, per_channel: bool):
 
 def _uniform_values(w, fold, bits, per_channel):
   codes, zero, step = _affine(w * fold, bits, per_channel)
-  return (codes - zero) * step / fold
+  # One multiplication by the level spacing: the levels are then exactly the grid
+  # (i - zero) * spacing, which the file stores as two numbers per channel.
+  return (codes - zero) * (step / fold)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
@@ -130,11 +134,12 @@ def uniform_codebook(w, bits: int, *, per_channel: bool = True,
   codes, zero, step = _affine(w * fold, bits, per_channel)
   levels = jnp.arange(2 ** bits, dtype=w.dtype)
   if not per_channel and fold_scale is None:  # one codebook for the tensor
-    book = ((levels - zero) * step / fold[0])[None, :]
+    book = ((levels - zero) * (step / fold[0]))[None, :]
     return ClusteredArray(book, codes.astype(jnp.uint8 if bits <= 8 else jnp.uint16))
   channels = w.shape[-1]
+  spacing = jnp.broadcast_to(step, (channels,)) / fold
   book = ((levels[None, :] - jnp.broadcast_to(zero, (channels,))[:, None])
-          * jnp.broadcast_to(step, (channels,))[:, None] / fold[:, None])
+          * spacing[:, None])
   dtype = jnp.uint8 if bits <= 8 else jnp.uint16
   return ClusteredArray(book, codes.astype(dtype))
 

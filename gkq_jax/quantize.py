@@ -41,9 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gkq_jax import _vectors, allocation
+from gkq_jax import _distinct, _vectors, allocation
 from gkq_jax import rules as rules_lib
-from gkq_jax._clustering import check_finite, check_nonnegative
+from gkq_jax._clustering import (
+  Clustering,
+  check_finite,
+  check_nonnegative,
+  is_traced,
+  warn_unweighted,
+)
 from gkq_jax._paths import named_leaves
 from gkq_jax.axes import LeafAxes, axes_for
 from gkq_jax.clustered import ClusteredArray, index_dtype
@@ -71,7 +77,13 @@ def quantize(params: Any, importance: Any = None,
   Args:
     params: any pytree of arrays.
     importance: a pytree of the same structure (e.g. from
-      :func:`gkq_jax.compute_importance`) or None for plain k-means.
+      :func:`gkq_jax.compute_importance`) or None for plain k-means. A
+      ``None`` leaf means "no importance" (what ``compute_importance`` gives
+      leaves that are never clustered, such as nnx RNG keys): a clustered
+      leaf with ``None`` is clustered unweighted, and when other clustered
+      leaves have importance a warning names it (almost always a mistake;
+      pass ``jnp.ones_like(leaf)`` to mean unweighted on purpose). A warning,
+      not an error, because unweighted clustering of one leaf is legitimate.
     rules: :class:`ClusterRule` s; the first whose pattern matches a leaf's
       path decides its number of clusters.
     granularity: see the module docstring.
@@ -103,7 +115,9 @@ def quantize(params: Any, importance: Any = None,
   Returns:
     ``params`` with each selected leaf replaced by a :class:`ClusteredArray`
     that dequantizes to the leaf's own dtype. Non-floating-point leaves (an
-    nnx state's RNG keys and counts, integer buffers) are never clustered.
+    nnx state's RNG keys and counts, integer buffers) are never clustered. A
+    codebook group with at most K distinct values gets exactly those values
+    (lossless; -0.0 comes back as 0.0), with every granularity and method.
   """
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}.")
@@ -139,6 +153,8 @@ def quantize(params: Any, importance: Any = None,
     raise ValueError("no parameter is selected for clustering: check the rules' "
                      f"patterns and min_ndim against paths such as {paths[:4]} "
                      "(non-floating-point leaves are never clustered).")
+  if importance is not None:
+    warn_unweighted("quantize", [paths[i] for i in chosen], [imps[i] for i in chosen])
   for i in chosen:
     _check_leaf(paths[i], leaves[i], imps[i], granularity)
     _check_axes(paths[i], layouts[i], granularity)
@@ -315,5 +331,10 @@ def _cluster_vectors(path, leaf, imp, k, key, options, layout="vector"):
   if allowed.get("init") not in (None, "kmeans++", "forgy"):
     allowed.pop("init")
   result = kmeans_vectors(points, weights, k, key=key, **allowed)
+  if not is_traced(points):  # at most k distinct vectors: each its own entry (lossless)
+    vectors, inverse = _distinct.distinct_vectors(np.asarray(points))
+    if len(vectors) <= k:
+      book = np.concatenate([vectors, np.repeat(vectors[-1:], k - len(vectors), axis=0)])
+      result = Clustering(jnp.asarray(book), jnp.asarray(inverse, jnp.int32))
   idx = result.assignments.reshape(rest).astype(index_dtype(k))
   return ClusteredArray(result.centroids, idx, tuple(vector_shape), vector_axis=axis)

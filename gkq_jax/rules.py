@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -90,10 +91,24 @@ def selected_leaves(params: Any, rules: Sequence[ClusterRule]) -> Any:
 
 
 def check_rules(params: Any, rules: Sequence[ClusterRule]) -> None:
-  """Raises if a rule matches no parameter path: almost always a typo."""
+  """Raises if a rule matches no parameter path: almost always a typo.
+
+  Warns (once per rule) about a rule that matches parameters but decides none
+  of them, because an earlier rule matches every one of them first (the first
+  match wins): ``[bits_rule("kernel$", 2), bits_rule("Dense_0/kernel$", 4)]``
+  gives Dense_0 4 values, not 16. Put the narrower rule first.
+  """
   paths = [path for path, _ in named_leaves(params)]
-  for rule in rules:
-    if not any(re.search(rule.pattern, p) for p in paths):
+  for i, rule in enumerate(rules):
+    matched = [p for p in paths if re.search(rule.pattern, p)]
+    if not matched:
       sample = ", ".join(paths[:6])
       raise ValueError(f"rule {rule.pattern!r} matches no parameter. Paths look like: "
                        f"{sample}{', ...' if len(paths) > 6 else ''}")
+    deciding = [rule_for(rules[:i], p) for p in matched]
+    if all(r is not None for r in deciding):
+      warnings.warn(
+          f"rule {rule.pattern!r} (rule {i}) never applies: the earlier rule "
+          f"{deciding[0].pattern!r} (rule {rules.index(deciding[0])}) matches all of its "
+          f"{len(matched)} parameter(s) (e.g. {matched[0]!r}) and the first match wins; put "
+          f"{rule.pattern!r} first or narrow {deciding[0].pattern!r}.", stacklevel=3)

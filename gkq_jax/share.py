@@ -37,6 +37,7 @@ values, no integer leaves in sight), use :func:`codebook_params` and
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, NamedTuple
 
@@ -195,8 +196,12 @@ def refresh_codebooks(quantized: Any, params: Any) -> Any:
   After fine-tuning with :func:`share_centroids` every member of a cluster holds
   the same value and it is read back exactly. Where members differ (weights
   trained without the projection), the entry becomes the members' mean, the
-  closest single value in the L2 sense, and a warning says how many clusters
-  that concerned (outside ``jax.jit``); a pinned zero stays zero.
+  closest single value in the L2 sense; a pinned zero stays zero, even where
+  its members all moved together. Whenever the result does not dequantize to
+  ``params`` (weights that left their shared values, averaged or set back to
+  zero) a warning names the leaf, how many weights and clusters, and how far
+  the weights were from the values they now decode to (under ``jax.jit`` too,
+  through ``jax.debug.callback``).
   """
   clusters = _clusters_by_key(quantized)
   dense_by_key = _leaves_by_key(params)
@@ -216,17 +221,35 @@ def refresh_codebooks(quantized: Any, params: Any) -> Any:
     values = jnp.where(hi == lo, hi, mean)
     if leaf.pinned_zero and leaf.vector_shape is None:
       values = values.at[::leaf.codebook.shape[-1]].set(0.0)
-    differ = (counts > 0) & (hi != lo)
-    if not is_traced(differ) and bool(jnp.any(differ)):
-      warnings.warn(f"refresh_codebooks: {int(jnp.sum(differ))} cluster(s) of "
-                    f"{path_string(path)!r} hold differing weights (fine-tuned without "
-                    "share_centroids?); their shared value is now the members' mean, so "
-                    "dequantize(result) differs from params there.", stacklevel=3)
     old = leaf.codebook.reshape(-1)
     book = jnp.where(counts > 0, values, old).reshape(leaf.codebook.shape)
-    return leaf.replace(codebook=book.astype(leaf.codebook.dtype))
+    out = leaf.replace(codebook=book.astype(leaf.codebook.dtype))
+    # The drift check compares what the result decodes to with the params themselves,
+    # so it also sees members that moved together off a pinned zero.
+    off = jnp.abs(out.dequantize().astype(jnp.float32).reshape(-1) - x)
+    moved = off > 0
+    report = (jnp.sum(moved), jax.ops.segment_max(moved.astype(jnp.int32), seg, n).sum(),
+              jnp.max(off), jnp.max(jnp.abs(x)))
+    if is_traced(*report):
+      jax.debug.callback(functools.partial(_warn_drift, path_string(path)), *report)
+    else:
+      _warn_drift(path_string(path), *report, stacklevel=4)
+    return out
 
   return jax.tree_util.tree_map_with_path(refresh, quantized, is_leaf=is_clustered)
+
+
+def _warn_drift(name, weights, clusters, worst, largest, stacklevel=2) -> None:
+  """refresh_codebooks' warning when its result does not decode to the params."""
+  if int(weights) == 0:
+    return
+  share = f", {float(worst) / float(largest):.2%} of the largest |weight|" if largest else ""
+  warnings.warn(
+      f"refresh_codebooks: {int(weights)} weight(s) in {int(clusters)} cluster(s) of {name!r} "
+      f"were off their shared values, by up to {float(worst):.4g}{share}; they now decode to "
+      "their cluster's mean (or the pinned zero), so dequantize(result) differs from params "
+      "there: fine-tune with share_centroids (and keep_pruned) to keep every weight on its "
+      "shared value.", stacklevel=stacklevel)
 
 
 def codebook_params(quantized: Any) -> Any:

@@ -9,9 +9,11 @@ about any mode.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import pathlib
 from typing import Any
 
+import jax
 import optax
 
 import gkq_jax as gkq
@@ -121,3 +123,18 @@ def distillation_loss(state, teacher, weight: float, temperature: float = 4.0):
     return weight * gkq.distillation_loss(logits, teacher_logits, temperature)
 
   return extra
+
+
+def release_compiled() -> None:
+  """Drops every compiled program JAX holds, between the stages / methods of a long study.
+
+  Each XLA CPU executable keeps a few memory mappings of its own, and every
+  method trains, evaluates and measures through programs of its own shapes; a
+  survey or equal-bytes study in one process kept them all and could reach the
+  kernel's limit of 65,530 mappings (vm.max_map_count), where XLA crashes, as
+  the test suite did before tests/conftest.py cleared the caches per module.
+  What a later method needs is compiled again (seconds); ``tools/map_count.py``
+  measures the peak with and without this.
+  """
+  jax.clear_caches()
+  gc.collect()

@@ -2,17 +2,22 @@
 
 
 
+from gkq_jax.job import context
 from gkq_jax.job import run as run_lib
 from gkq_jax.job.modes import studies
 from tests.job.tiny import pipeline_config
 
 
-def test_sensitivity_and_compare_modes(tmp_path):
+def test_sensitivity_and_compare_modes(tmp_path, monkeypatch):
+  # Compiled programs are released after each layer / method (issue 25: memory mappings).
+  released, release = [], context.release_compiled
+  monkeypatch.setattr(context, "release_compiled", lambda: released.append(1) or release())
   config = pipeline_config(mode="sensitivity")
   config.sensitivity.bits = (1, 4)
   config.init_checkpoint = ""
   results = run_lib.run(config, tmp_path / "sens")
   assert len(results["sensitivity"]) == 3 * 2
+  assert len(released) == 3
   assert (tmp_path / "sens" / "sensitivity.csv").exists()
   assert (tmp_path / "sens" / "sensitivity.png").exists()
   config = pipeline_config(mode="compare")
@@ -22,6 +27,7 @@ def test_sensitivity_and_compare_modes(tmp_path):
   results = run_lib.run(config, tmp_path / "cmp")
   methods = {r["method"] for r in results["compare"]}
   assert methods == set(studies.COMPARE_METHODS)
+  assert len(released) == 3 + len(studies.COMPARE_METHODS)
   assert "| gkq grad_sq | 2 |" in (tmp_path / "cmp" / "compare.md").read_text()
   # The README's 2-bit ordering where it holds at this size (seeds 0, 1, 2 run):
   # uniform quantization is far behind every k-means before fine-tuning (by 3.6

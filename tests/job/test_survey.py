@@ -12,13 +12,15 @@ import pytest
 import gkq_jax as gkq
 from configs import mlp as mlp_config
 from configs import resnet34 as resnet_config
-from gkq_jax.job import models
+from gkq_jax.job import context, models
 from gkq_jax.job import run as run_lib
 from gkq_jax.job.models import surgery
 from gkq_jax.job.modes import survey as survey_lib
 from gkq_jax.job.training import measure
 
 MLP_METHODS = ("baseline", "prune_datafree", "binary", "distill", "lowrank+gkq_2bit")
+# Rows written when the survey released its compiled programs, by killed_then_resumed.
+RELEASES: list[int] = []
 
 
 def mlp_survey_config(**survey):
@@ -49,8 +51,15 @@ def killed_then_resumed(tmp_path_factory):
       raise KeyboardInterrupt("simulated kill")
     return real(self, name)
 
+  release = context.release_compiled
+
+  def recorded():
+    RELEASES.append(len(list((workdir / "survey").glob("*.json"))))
+    release()
+
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(survey_lib.Survey, "run_method", run_method)
+    mp.setattr(context, "release_compiled", recorded)
     with pytest.raises(KeyboardInterrupt):
       run_lib.run(mlp_survey_config(), workdir)
     first_rows = {p.stem: json.loads(p.read_text()) for p in (workdir / "survey").glob("*.json")}
@@ -101,6 +110,13 @@ def test_killed_survey_resumes_without_redoing_finished_methods(killed_then_resu
   for r in results["survey"]:
     if r["method"] in first_rows:
       assert r["test_accuracy"] == first_rows[r["method"]]["test_accuracy"]
+
+
+def test_compiled_programs_are_released_after_every_method(killed_then_resumed):
+  # Issue 25: one process running many methods kept every compiled program (and its memory
+  # mappings). Killed in the third method: after baseline and prune_datafree; resumed: after
+  # each of the five rows (the first two read back) and after the latency measurements.
+  assert RELEASES == [1, 2, 2, 2, 3, 4, 5, 5]
 
 
 def test_stored_files_decode_to_quantized_values(killed_then_resumed):

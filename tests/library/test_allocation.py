@@ -38,14 +38,16 @@ def test_coded_bytes_are_the_files(tmp_path):
       "sparse": (np.where(rng.random(5000) < 0.06, rng.integers(1, 5, 5000), 0), 5, True),
       "long_gaps": (np.where(rng.random(9000) < 0.004, 1, 0), 2, True),
   }
-  # linspace starts at 0: the pinned zero of the sparse leaves.
-  tree = {name: gkq.ClusteredArray(np.linspace(0, 1, k, dtype=np.float32)[None],
+  # Squares of a linspace from 0: the pinned zero of the sparse leaves, and no uniform grid
+  # (which the file would store as two numbers), so the codebooks are float32 tables.
+  tree = {name: gkq.ClusteredArray(np.linspace(0, 1, k, dtype=np.float32)[None] ** 2,
                                    idx.astype(np.uint8), pinned_zero=pin)
           for name, (idx, k, pin) in leaves.items()}
   _, sizes = gkq.save(tmp_path / "m.gkq", tree)
   assert {sizes[n]["coding"] for n in leaves} == {"fixed", "huffman", "sparse"}
   for name, (idx, k, pin) in leaves.items():
     assert gkq.coded_bytes(idx, k, sparse=pin) + 4 * k == sizes[name]["bytes"], name
+    assert gkq.stored_bytes(tree[name]) == sizes[name]["bytes"], name
 
 
 def test_allocate_is_optimal_against_brute_force():

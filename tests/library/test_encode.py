@@ -95,3 +95,91 @@ def test_reads_format_version_1_files():
   expected = np.array([-1.0, 0.5, 2.0], np.float32)[(np.arange(24) * 7 % 3).reshape(4, 6)]
   np.testing.assert_array_equal(np.asarray(gkq.dequantize(kernel)), expected)
   np.testing.assert_array_equal(back["params"]["Dense_0"]["bias"], np.arange(6))
+
+
+def _bitwise_equal(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("per_channel,fold", [(True, False), (False, False), (True, True)])
+def test_uniform_grids_take_two_numbers_per_channel(tmp_path, per_channel, fold):
+  # The survey's qat_8bit on the digits MLP wrote 256 float32 levels per channel: a file
+  # larger than the fp32 weights (issue 25). A grid is an offset and a scale per channel.
+  rng = np.random.default_rng(0)
+  params = {"Dense_0": {"kernel": rng.standard_normal((64, 300)).astype(np.float32),
+                        "bias": np.zeros(300, np.float32)},
+            "Dense_1": {"kernel": rng.standard_normal((300, 100)).astype(np.float32)}}
+  folds = {"Dense_1/kernel": np.linspace(-2.0, 3.0, 100)} if fold else None  # BatchNorm's
+  stored = gkq.uniform_codebooks(params, 8, per_channel=per_channel, fold_scales=folds)
+  size, sizes = encode.save(tmp_path / "q.gkq", stored)
+  fp32 = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+  assert size < fp32 * 0.3
+  assert {sizes[p]["codebook"] for p in ("Dense_0/kernel", "Dense_1/kernel")} == {"grid"}
+  back = encode.load(tmp_path / "q.gkq")
+  fake = gkq.fake_quantize(params, 8, per_channel=per_channel, fold_scales=folds)
+  for (path, x), (_, y), (_, z) in zip(gkq.named_leaves(gkq.dequantize(stored)),
+                                       gkq.named_leaves(gkq.dequantize(back)),
+                                       gkq.named_leaves(fake)):
+    assert _bitwise_equal(x, y), path  # the file: bit for bit
+    np.testing.assert_allclose(z, x, rtol=1e-6, atol=1e-7, err_msg=path)  # the levels trained
+  for path, leaf in gkq.clustered_leaves(stored):
+    assert gkq.stored_bytes(leaf) == sizes[path]["bytes"]
+
+
+def _tiny_leaves():
+  rng = np.random.default_rng(1)
+  w = rng.standard_normal((4, 6)).astype(np.float32)
+  pruned = np.where(np.abs(w) > 0.3, w, np.float32(0))
+  pruned[0] = w[0]  # no channel pruned whole
+  conv = rng.standard_normal((3, 3, 2, 2)).astype(np.float32)
+  fast = dict(method="lloyd", init="linear")
+  return {
+      "channel": gkq.quantize({"w": w}, None, [gkq.ClusterRule("w", 16)],
+                              granularity="channel", **fast)["w"],
+      "pinned": gkq.quantize({"w": pruned}, None, [gkq.ClusterRule("w", 4)],
+                             masks={"w": pruned != 0}, granularity="channel", **fast)["w"],
+      "bf16": gkq.quantize({"w": jax.numpy.asarray(w, jax.numpy.bfloat16)}, None,
+                           [gkq.ClusterRule("w", 16)], granularity="channel", **fast)["w"],
+      "filters": gkq.quantize({"c": conv}, None, [gkq.ClusterRule("c", 16)],
+                              granularity="vector")["c"],
+      "qat": gkq.uniform_codebook(w[:3], 8),
+      "signed_zeros": gkq.ClusteredArray(np.array([[-0.0, 0.0, 1.0, 2.0]], np.float32),
+                                         np.array([[0, 1], [2, 0]], np.uint8)),
+      "big": gkq.quantize({"w": rng.standard_normal((64, 32)).astype(np.float32)}, None,
+                          [gkq.ClusterRule("w", 8)], **fast)["w"],
+  }
+
+
+def test_no_leaf_takes_more_bytes_than_its_dense_weights(tmp_path):
+  # A codebook that costs more than its indices save: the weights are stored as they are,
+  # and come back as a ClusteredArray of the same layout that decodes bit for bit.
+  tree = _tiny_leaves()
+  _, sizes = encode.save(tmp_path / "m.gkq", tree)
+  back = encode.load(tmp_path / "m.gkq")
+  for name, leaf in tree.items():
+    dense = np.asarray(leaf.dequantize())
+    assert sizes[name]["bytes"] == gkq.stored_bytes(leaf) <= dense.nbytes, name
+    assert (sizes[name]["coding"] == "raw") == (name not in ("big", "qat")), name
+    got = back[name]
+    assert gkq.is_clustered(got), name
+    assert got.codebook.shape == leaf.codebook.shape and got.pinned_zero == leaf.pinned_zero
+    assert got.indices.dtype == leaf.indices.dtype and got.vector_shape == leaf.vector_shape
+    assert _bitwise_equal(got.dequantize(), dense), name
+  assert not np.any(np.asarray(back["pinned"].codebook)[:, 0])  # index 0 is still the zero
+  assert sizes["qat"]["codebook"] == "grid"  # 8 bytes a channel instead of 1,024: it fits
+
+
+def test_reads_format_version_2_files():
+  # Written by the version-2 writer (float32 tables only): a pinned leaf, a grid-shaped
+  # per-channel codebook, a raw bias and a tuple with None.
+  back = encode.load(DATA / "format_v2.gkq")
+  params = back["params"]
+  expected = np.array([-1.0, 0.5, 2.0], np.float32)[(np.arange(24) * 7 % 3).reshape(4, 6)]
+  np.testing.assert_array_equal(np.asarray(gkq.dequantize(params["Dense_0"]["kernel"])),
+                                expected)
+  np.testing.assert_array_equal(params["Dense_0"]["bias"], np.arange(6))
+  assert params["Dense_1"]["kernel"].pinned_zero
+  np.testing.assert_array_equal(np.asarray(params["Dense_2"]["kernel"].codebook),
+                                [[-0.5, 0.0, 0.5, 1.0], [-1.0, 0.0, 1.0, 2.0]])
+  assert back["step"][0] == 3 and back["step"][1] is None

@@ -103,3 +103,44 @@ def test_file_restores_into_a_model_with_a_list_of_layers(tmp_path):
   assert gkq.is_clustered(params["layers"][1]["kernel"].get_value())
   with pytest.raises(ValueError, match="'extra/kernel'.*not in"):
     gkq.load(tmp_path / "m.gkq", target={"extra": {"kernel": jnp.zeros((6, 8))}})
+
+
+class Counting(nnx.Module):
+  """Mutates its state in __call__: a step counter and BatchNorm statistics (train mode)."""
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(6, 8, rngs=rngs)
+    self.norm = nnx.BatchNorm(8, rngs=rngs)
+    self.out = nnx.Linear(8, 3, rngs=rngs)
+    self.steps = nnx.Variable(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x):
+    self.steps[...] += 1
+    return self.out(nnx.relu(self.norm(self.hidden(x))))
+
+
+def test_importance_straight_from_a_module_that_mutates_its_state():
+  model = Counting(nnx.Rngs(0))
+  loss = lambda m, b: optax.softmax_cross_entropy_with_integer_labels(m(b[0]), b[1]).mean()
+  # The issue's form: merging the caller's non-Param Variables inside the trace fails.
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  with pytest.raises(Exception, match="different trace level"):
+    gkq.compute_importance(lambda p, b: loss(nnx.merge(graphdef, p, rest), b), params,
+                           [(X, Y)])
+  imp = gkq.compute_importance(loss, model, [(X, Y), (X, Y)])
+  assert isinstance(imp, nnx.State)
+  by_path = dict(gkq.named_leaves(imp))
+  assert set(by_path) == {"hidden/kernel", "hidden/bias", "norm/scale", "norm/bias",
+                          "out/kernel", "out/bias"}  # Params only: no statistics, no counter
+  # The same numbers as differentiating a copy of the model by hand, batch by batch.
+  expected = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(2):
+    copy = nnx.merge(*nnx.split(model), copy=True)
+    grads = nnx.grad(loss)(copy, (X, Y))
+    expected = jax.tree.map(lambda e, g: e + g * g / 2, expected, nnx.state(grads, nnx.Param))
+  for path, value in gkq.named_leaves(expected):
+    np.testing.assert_allclose(by_path[path], value, rtol=1e-5, atol=1e-12, err_msg=path)
+  assert int(model.steps[...]) == 0 and not np.any(model.norm.mean[...])  # left as it was
+  q = gkq.quantize(nnx.state(model), imp, RULES)
+  assert {p for p, _ in gkq.clustered_leaves(q)} == {"hidden/kernel", "out/kernel"}
+  gkq.quantize(nnx.state(model, nnx.Param), nnx.filter_state(imp, nnx.Param), RULES)

@@ -24,8 +24,10 @@ def test_library_modules_import_none_of_the_jobs_packages():
 
 
 def test_public_names_are_the_exports():
-  assert sorted(gkq_jax.__all__) == sorted(n for n in dir(gkq_jax) if not n.startswith("_")
-                                           and not _is_module(getattr(gkq_jax, n)))
+  public = sorted(n for n in dir(gkq_jax) if not n.startswith("_")
+                  and not _is_module(getattr(gkq_jax, n)))
+  assert sorted(gkq_jax.__all__) == sorted(public + ["__version__"])
+  assert gkq_jax.__version__.count(".") == 2
 
 
 def _is_module(x):

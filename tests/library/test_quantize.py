@@ -1,5 +1,7 @@
 """Whole-model quantization (gkq_jax.quantize): linen, nnx, granularities."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -348,3 +350,27 @@ def test_group_size_bad_input(grouped_channels, group_size, granularity, message
   with pytest.raises(ValueError, match=message):
     gkq.quantize(params, None, [gkq.ClusterRule("kernel", 4)], granularity=granularity,
                  group_size=group_size)
+
+
+def test_a_clustered_leaf_with_none_importance_beside_weighted_ones_warns():
+  # None is "no importance": right for leaves never clustered (an nnx count), almost always
+  # a mistake for a kernel the rules cluster while its siblings are weighted (issue 25).
+  rng = np.random.default_rng(0)
+  params = {"a": {"kernel": rng.standard_normal((8, 6)).astype(np.float32)},
+            "b": {"kernel": rng.standard_normal((6, 4)).astype(np.float32)},
+            "count": np.int32(3)}
+  rules = [gkq.ClusterRule("kernel$", 4)]
+  fast = dict(method="lloyd", init="linear")
+  weighted = {"a": {"kernel": np.ones((8, 6), np.float32)},
+              "b": {"kernel": np.ones((6, 4), np.float32)}, "count": None}
+  missing = dict(weighted, b={"kernel": None})
+  with pytest.warns(UserWarning, match=r"^quantize: the importance of 'b/kernel' is None but "
+                                       r"the rules cluster it.*jnp\.ones_like\(leaf\)"):
+    gkq.quantize(params, missing, rules, **fast)
+  with pytest.warns(UserWarning, match=r"^quantize_to_budget: the importance of 'b/kernel'"):
+    gkq.quantize_to_budget(params, missing, rules, 1_000, clusters=(2, 4), **fast)
+  with warnings.catch_warnings():  # None only where nothing is clustered, or everywhere
+    warnings.simplefilter("error")
+    gkq.quantize(params, weighted, rules, **fast)
+    gkq.quantize(params, None, rules, **fast)
+    gkq.quantize(params, jax.tree.map(lambda _: None, weighted), rules, **fast)

@@ -1,5 +1,7 @@
 """Which parameters are clustered, and into how many values (gkq_jax.rules)."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,18 @@ def test_first_matching_rule_wins():
   skip_first = [gkq.ClusterRule("Dense_0", 0)] + rules
   selected = dict(gkq.named_leaves(gkq.selected_leaves(params, skip_first)))
   assert not selected["params/Dense_0/kernel"] and selected["params/Dense_1/kernel"]
+
+
+def test_a_rule_an_earlier_rule_shadows_warns_naming_both():
+  # First match wins: Dense_0 gets the catch-all's 4 values, not 16 (issue 25).
+  params = linen_like_params()
+  shadowed = [gkq.bits_rule("kernel$", 2), gkq.bits_rule("Dense_0/kernel$", 4)]
+  with pytest.warns(UserWarning, match=r"^rule 'Dense_0/kernel\$' \(rule 1\) never applies: the "
+                                       r"earlier rule 'kernel\$' \(rule 0\) matches all of its 1 "
+                                       r"parameter.*put 'Dense_0/kernel\$' first") as record:
+    q = gkq.quantize(params, None, shadowed, method="lloyd", init="linear")
+  assert len(record) == 1  # once per dead rule
+  assert q["params"]["Dense_0"]["kernel"].num_clusters == 4
+  with warnings.catch_warnings():  # the narrower rule first: every rule decides something
+    warnings.simplefilter("error")
+    gkq.check_rules(params, shadowed[::-1])

@@ -1,5 +1,7 @@
 """Fine-tuning on shared values (gkq_jax.share), with pruning masks kept."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -93,11 +95,29 @@ def test_refresh_codebooks_averages_weights_that_left_their_values():
   params = {"w": jnp.array([[0.0, 1.0], [1.0, 3.0]])}
   q = gkq.quantize(params, None, [gkq.ClusterRule("w", 3)])
   moved = {"w": jnp.array([[0.0, 1.5], [0.5, 3.0]])}  # trained without share_centroids
-  with pytest.warns(UserWarning, match=r"1 cluster\(s\) of 'w' hold differing weights"):
+  with pytest.warns(UserWarning, match=r"2 weight\(s\) in 1 cluster\(s\) of 'w' were off"):
     refreshed = share.refresh_codebooks(q, moved)
   np.testing.assert_allclose(gkq.dequantize(refreshed)["w"], [[0.0, 1.0], [1.0, 3.0]])
   kept = {"w": jnp.array([[0.25, 1.5], [1.5, 3.0]])}  # moved together: read back exactly
   np.testing.assert_array_equal(gkq.dequantize(share.refresh_codebooks(q, kept))["w"], kept["w"])
+
+
+def test_refresh_codebooks_warns_how_far_weights_were_from_what_they_now_decode_to():
+  # A step without share_centroids / keep_pruned: the pruned weights all moved by the same
+  # amount, so their cluster agrees with itself, but its value is pinned at zero (issue 25).
+  w = jnp.array([[0.0, 1.0, 0.0], [3.0, 0.0, 3.0]])
+  q = gkq.quantize({"w": w}, None, [gkq.ClusterRule("w", 3)], masks={"w": w != 0})
+  moved = {"w": w.at[0, 0].set(0.5).at[0, 2].set(0.5).at[1, 1].set(0.5)}
+  match = (r"^refresh_codebooks: 3 weight\(s\) in 1 cluster\(s\) of 'w' were off their "
+           r"shared values, by up to 0\.5, 16\.67% of the largest \|weight\|;.*share_centroids")
+  with pytest.warns(UserWarning, match=match):
+    refreshed = share.refresh_codebooks(q, moved)
+  np.testing.assert_array_equal(gkq.dequantize(refreshed)["w"], w)  # the pinned zero holds
+  with pytest.warns(UserWarning, match=match):  # under jit too
+    jax.block_until_ready(jax.jit(share.refresh_codebooks)(q, moved))
+  with warnings.catch_warnings():  # weights on their values: nothing to say
+    warnings.simplefilter("error")
+    share.refresh_codebooks(q, {"w": w})
 
 
 def test_gradients_with_respect_to_codebooks():

@@ -99,6 +99,7 @@ def equal_bytes(ctx: context.Context, state, results: dict) -> dict:
           **{f"validation_{k}": v for k, v in scores.get("validation_accuracy", {}).items()}})
       logging.info("equal bytes %s at %d bits: %d bytes, %.4f -> %.4f", name, bits,
                    rows[-1]["bytes"], before, after)
+      context.release_compiled()  # each method's programs are its own: keep the mappings few
   print(report_lib.write_equal_bytes(ctx.workdir, rows, results))
   results["equal_bytes"] = rows
   return results

@@ -38,6 +38,7 @@ def sensitivity(ctx: context.Context, state, results: dict) -> dict:
                    **({"validation_accuracy": scores["validation_accuracy"]["q"]}
                       if "validation_accuracy" in scores else {})})
       logging.info("sensitivity %s at %d bits: %.4f", path, bits, rows[-1]["test_accuracy"])
+    context.release_compiled()  # one layer's programs at a time: keep the mappings few
   report_lib.write_sensitivity(ctx.workdir, rows, results["accuracy"]["baseline"])
   results["sensitivity"] = rows
   return results
@@ -78,6 +79,7 @@ def compare(ctx: context.Context, state, results: dict) -> dict:
                    **{f"validation_{k}": v for k, v in scores.get("validation_accuracy",
                                                                   {}).items()}})
       logging.info("compare %s %d bits: %.4f -> %.4f", name, bits, before, after)
+      context.release_compiled()  # each method's programs are its own: keep the mappings few
   print(report_lib.write_compare(ctx.workdir, rows, results["accuracy"]["baseline"]))
   results["compare"] = rows
   return results

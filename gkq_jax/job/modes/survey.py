@@ -513,8 +513,12 @@ def survey(ctx: context.Context, state, results: dict) -> dict:
   """The survey mode (see the module docstring); adds ``results["survey"]``."""
   runner = Survey(ctx, state)
   runner.dir.mkdir(parents=True, exist_ok=True)
-  rows = [runner.row(name) for name in ctx.config.survey.methods]
+  rows = []
+  for name in ctx.config.survey.methods:
+    rows.append(runner.row(name))
+    context.release_compiled()  # each method's programs are its own: keep the mappings few
   runner.measure_all(rows)
+  context.release_compiled()
   base_bytes = next((r["fp32_bytes"] for r in rows if r["method"] == "baseline"),
                     report_lib.fp32_bytes(runner.base))
   for row in rows:
