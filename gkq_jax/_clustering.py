@@ -45,6 +45,14 @@ def check_finite(name: str, array) -> None:
                          f"first at index ({position}); clean or clip them before clustering.",
                          jnp.sum(bad), *first)
     return
+  if isinstance(array, jax.Array):  # counted where the array lies: a sharded one is not gathered
+    count = int(jnp.sum(~jnp.isfinite(array)))
+    if count:
+      flat = int(jnp.argmax(~jnp.isfinite(array).reshape(-1)))
+      first = np.unravel_index(flat, jnp.shape(array)) if jnp.ndim(array) else ()
+      raise ValueError(f"{name} has {count} non-finite entries (NaN or inf), first at index "
+                       f"{tuple(int(i) for i in first)}; clean or clip them before clustering.")
+    return
   a = np.asarray(array)
   bad = ~np.isfinite(a)
   if bad.any():
@@ -60,10 +68,11 @@ def check_nonnegative(name: str, array) -> None:
     checkify.debug_check(jnp.all(array >= 0), f"{name} must be non-negative (use |g| or g^2), "
                          "found {} negative entries.", jnp.sum(array < 0))
     return
-  a = np.asarray(array)
-  if (a < 0).any():
+  negative = int(jnp.sum(array < 0)) if isinstance(array, jax.Array) else int(
+      (np.asarray(array) < 0).sum())
+  if negative:
     raise ValueError(f"{name} must be non-negative (use |g| or g^2), found "
-                     f"{int((a < 0).sum())} negative entries.")
+                     f"{negative} negative entries.")
 
 
 def warn_unweighted(caller: str, paths, importances, stacklevel: int = 3) -> None:

@@ -19,11 +19,13 @@ model stream in layer by layer and be written out as it goes.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 
+from gkq_jax import sharding as sharding_lib
 from gkq_jax.clustered import ClusteredArray
 from gkq_jax.kmeans1d import grouped_kmeans_1d
 
@@ -63,6 +65,10 @@ def cluster_per_channel(weight, importance=None, num_clusters: int = 16, *,
     A :class:`ClusteredArray` with codebook (N, K) and uint8 (K <= 256)
     indices of ``weight``'s shape, as ``quantize(..., granularity="channel")``.
   """
+  sharding = sharding_lib.named_sharding(weight)
+  if sharding is not None:  # each device clusters the channels it holds
+    return _shard_by_shard(weight, importance, num_clusters, sharding, chunk_values, name,
+                           channel_axes, options)
   w = _as_matrix(name, weight, "weight", channel_axes)
   rows, channels = w.shape
   h = None
@@ -90,6 +96,30 @@ def cluster_per_channel(weight, importance=None, num_clusters: int = 16, *,
   codebook = jnp.concatenate(books)
   idx = jnp.concatenate(indices).T.reshape(jnp.shape(weight))
   return ClusteredArray(codebook, idx)
+
+
+def _shard_by_shard(weight, importance, num_clusters, sharding, chunk_values, name,
+                    channel_axes, options) -> ClusteredArray:
+  names = sharding_lib.channel_split(name, jnp.shape(weight), sharding, 0, channel_axes)
+  if names is None:
+    raise ValueError(f"{name} is split over devices along axes other than its output channels "
+                     f"({sharding.spec}); cluster_per_channel runs shard by shard only on weights "
+                     "split along their (first) output-channel axis: reshard it.")
+  if importance is not None and sharding_lib.named_sharding(importance) != sharding:
+    warnings.warn(f"cluster_per_channel: the importance of {name} is not sharded like the "
+                  "weight; resharding it.", stacklevel=3)
+    importance = jax.device_put(importance, sharding)
+
+  def local(*arrays):
+    w, h = arrays if importance is not None else (arrays[0], None)
+    q = cluster_per_channel(w, h, num_clusters, chunk_values=chunk_values, name=name,
+                            channel_axes=channel_axes, **options)
+    return q.codebook, q.indices
+
+  args = (weight,) if importance is None else (weight, importance)
+  run = sharding_lib.shard_local(local, sharding, (sharding.spec,) * len(args),
+                                 (sharding_lib.codebook_spec(names, 2), sharding.spec))
+  return ClusteredArray(*run(*args))
 
 
 def stream_per_channel(matrices: Iterable, num_clusters: int = 16, *,

@@ -98,16 +98,30 @@ class ClusteredArray:
     if self.vector_shape is not None:
       vectors = self.codebook[idx]  # (*rest, d)
       dense = _vectors.from_vectors(vectors, self.vector_axis, self.vector_shape)
-    elif self.codebook.ndim == 3:
-      dense = self.codebook.reshape(-1)[self.codebook_rows() * self.codebook.shape[-1] + idx]
-    elif self.codebook.shape[0] == 1:
+    elif self.codebook.ndim == 2 and self.codebook.shape[0] == 1:
       dense = self.codebook[0][idx]
     else:
-      C, k = self.codebook.shape
-      rows, _ = channel_view(idx.shape, C)
-      flat = idx.reshape(rows, C) + jnp.arange(C, dtype=jnp.int32) * k
-      dense = self.codebook.reshape(-1)[flat].reshape(idx.shape)
+      # A lookup along the codebook's own axis, per (row group, channel): no flat
+      # index into the codebook, so a weight sharded along its channels is read
+      # shard by shard (a flat gather made XLA gather the codebook and indices).
+      book = self.codebook if self.codebook.ndim == 3 else self.codebook[None]
+      groups, channels, _ = book.shape
+      fan_in, _ = channel_view(idx.shape, channels)
+      view = idx.reshape(groups, fan_in // groups, channels)
+      dense = jnp.take_along_axis(book.transpose(0, 2, 1), view, axis=1).reshape(idx.shape)
     return dense.astype(self.dtype)
+
+  def segments(self) -> tuple[jax.Array, int]:
+    """Scalar layouts: each weight's cluster as a row of a (groups x k, channels)
+    table (an int32 array of the weights' (fan_in, channels) view) and the
+    table's number of rows. Per-cluster sums are scatters into that table,
+    whose columns are the channels, so they follow a channel sharding."""
+    book = self.codebook if self.codebook.ndim == 3 else self.codebook[None]
+    groups, channels, k = book.shape
+    fan_in, _ = channel_view(self.indices.shape, channels)
+    group = jnp.arange(fan_in, dtype=jnp.int32) // (fan_in // groups)
+    return group[:, None] * k + self.indices.reshape(fan_in, channels).astype(jnp.int32), \
+        groups * k
 
   def codebook_rows(self) -> jax.Array:
     """Scalar layouts: the row of ``codebook.reshape(-1, k)`` that serves each

@@ -38,7 +38,7 @@ import numpy as np
 
 from gkq_jax._clustering import is_traced
 from gkq_jax._paths import map_with_paths
-from gkq_jax.clustered import ClusteredArray, is_clustered
+from gkq_jax.clustered import ClusteredArray, channel_view, is_clustered
 
 MAX_BITS = 16
 _SLABS = 8  # indices per word at 1..4 bits
@@ -195,11 +195,13 @@ class PackedArray:
 
   def indices(self) -> jax.Array:
     dtype = jnp.uint8 if self.num_clusters <= 256 else jnp.uint16
+    matrix = _matrix_shape(self.index_shape, self.codebook, self.vector_shape)
+    one = lambda p: unpack_indices(p, self.bits, matrix, dtype).reshape(  # noqa: E731
+        self.index_shape)
     if not self.stacked:
-      return unpack_indices(self.packed, self.bits, self.index_shape, dtype)
+      return one(self.packed)
     lead = tuple(self.packed.shape[:self.stacked])
     layers = self.packed.reshape((-1,) + self.packed.shape[self.stacked:])
-    one = lambda p: unpack_indices(p, self.bits, self.index_shape, dtype)  # noqa: E731
     return jax.vmap(one)(layers).reshape(lead + tuple(self.index_shape))
 
   def to_clustered(self) -> ClusteredArray:
@@ -210,6 +212,20 @@ class PackedArray:
 
   def dequantize(self) -> jax.Array:
     return self.to_clustered().dequantize()
+
+
+def _matrix_shape(index_shape, codebook, vector_shape) -> tuple:
+  """The (rows, columns) matrix the indices are packed as: the columns are the
+  codebook's channels (so a weight sharded along its output features stays
+  sharded in its packed bytes, whatever its number of axes), or the last axis
+  for a codebook per layer and for vector codebooks."""
+  channels = codebook.shape[-2] if vector_shape is None and codebook.ndim >= 2 else 1
+  if channels <= 1 or len(index_shape) <= 2:
+    return tuple(index_shape)
+  try:
+    return channel_view(index_shape, channels)
+  except ValueError:  # codebooks per group of channels (the lookup-table kernel's layout)
+    return tuple(index_shape)
 
 
 def is_packed(x) -> bool:
@@ -232,13 +248,15 @@ def pack(clustered: ClusteredArray, bits: int | None = None, *, name: str = "arr
   indices = jnp.asarray(clustered.indices)
   meta = tuple((f, getattr(clustered, f)) for f in fields)
   if not clustered.stacked:
-    return PackedArray(clustered.codebook, pack_indices(indices, bits), tuple(indices.shape),
-                       bits, meta)
+    matrix = _matrix_shape(indices.shape, clustered.codebook, clustered.vector_shape)
+    return PackedArray(clustered.codebook, pack_indices(indices.reshape(matrix), bits),
+                       tuple(indices.shape), bits, meta)
   lead, one = indices.shape[:clustered.stacked], indices.shape[clustered.stacked:]
+  book = clustered.layer_codebooks()
+  matrix = _matrix_shape(one, book, None)
   _check_indices(indices, bits)
-  packed = jax.vmap(lambda i: _pack(i, bits))(indices.reshape((-1,) + one))
-  return PackedArray(clustered.layer_codebooks(), packed.reshape(lead + packed.shape[1:]),
-                     tuple(one), bits, meta)
+  packed = jax.vmap(lambda i: _pack(i.reshape(matrix), bits))(indices.reshape((-1,) + one))
+  return PackedArray(book, packed.reshape(lead + packed.shape[1:]), tuple(one), bits, meta)
 
 
 def unpack(packed: PackedArray) -> ClusteredArray:

@@ -35,6 +35,7 @@ would be; the other granularities refuse stacked leaves.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -43,6 +44,7 @@ import numpy as np
 
 from gkq_jax import _distinct, _vectors, allocation
 from gkq_jax import rules as rules_lib
+from gkq_jax import sharding as sharding_lib
 from gkq_jax._clustering import (
   Clustering,
   check_finite,
@@ -161,15 +163,20 @@ def quantize(params: Any, importance: Any = None,
     _check_group_divides(paths[i], jnp.shape(leaves[i]), group_size, layouts[i])
   key = jax.random.PRNGKey(0) if key is None else key
   out = list(leaves)
+  split = _channel_split_leaves(granularity, chosen, paths, leaves, masks, layouts)
+  for i in split:
+    out[i] = _cluster_channels_shard_by_shard(paths[i], leaves[i], imps[i], ks[i], key,
+                                              cluster_options, group_size, layouts[i])
+  here = [i for i in chosen if i not in split]  # all in one compiled call
   if granularity in _vectors.VECTOR_LAYOUTS:
-    for n, i in enumerate(chosen):
+    for n, i in enumerate(here):
       out[i] = _cluster_vectors(paths[i], leaves[i], imps[i], ks[i],
                                 jax.random.fold_in(key, n), cluster_options, granularity)
-  else:
-    for i, clustered in zip(chosen, _cluster_scalars(
-        [leaves[i] for i in chosen], [imps[i] for i in chosen], [ks[i] for i in chosen],
-        [masks[i] for i in chosen], [paths[i] for i in chosen], granularity, budget, key,
-        cluster_options, group_size, [layouts[i] for i in chosen])):
+  elif here:
+    for i, clustered in zip(here, _cluster_scalars(
+        [leaves[i] for i in here], [imps[i] for i in here], [ks[i] for i in here],
+        [masks[i] for i in here], [paths[i] for i in here], granularity, budget, key,
+        cluster_options, group_size, [layouts[i] for i in here])):
       out[i] = clustered
   for i in chosen:  # the codebook stays float32; dequantize gives the leaf's dtype back
     out[i] = out[i].replace(dtype=np.dtype(jnp.result_type(leaves[i])))
@@ -317,6 +324,61 @@ def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, o
     out.append(ClusteredArray(book, flat_idx.reshape(a.shape).astype(index_dtype(book.shape[-1])),
                               pinned_zero=pin, stacked=lay.stacked))
   return out
+
+
+def _channel_split_leaves(granularity, chosen, paths, leaves, masks, layouts) -> list[int]:
+  """The chosen leaves sharded along their output channels, which are clustered
+  per channel shard by shard (:mod:`gkq_jax.sharding`)."""
+  found = []
+  for i in chosen:
+    sharding = sharding_lib.named_sharding(leaves[i])
+    if sharding is None:
+      continue
+    if granularity != "channel":
+      raise ValueError(
+          f"{paths[i]} is sharded over {sharding.mesh.size} devices "
+          f"({sharding.spec}); granularity={granularity!r} would gather it onto one device. "
+          "Use granularity='channel' (clustered shard by shard where the output channels "
+          "are split), or pass it unsharded.")
+    names = sharding_lib.channel_split(paths[i], jnp.shape(leaves[i]), sharding,
+                                       layouts[i].stacked, layouts[i].channels)
+    if names is None:
+      raise ValueError(
+          f"{paths[i]} is split over devices along axes other than its output channels "
+          f"({sharding.spec}); per-channel clustering runs shard by shard only on weights split "
+          "along their (first) output-channel axis: reshard it, e.g. to P(None, ..., 'model').")
+    if masks[i] is not None and not bool(np.all(np.asarray(masks[i]))):
+      raise ValueError(f"{paths[i]}: pruning masks of sharded weights are not supported; "
+                       "prune before sharding, or quantize it without masks.")
+    found.append(i)
+  return found
+
+
+def _cluster_channels_shard_by_shard(path, leaf, imp, k, key, options, group_size, layout):
+  """Per-channel clustering of a channel-split leaf, each device its own channels."""
+  sharding = sharding_lib.named_sharding(leaf)
+  names = sharding_lib.channel_split(path, jnp.shape(leaf), sharding, layout.stacked,
+                                     layout.channels)
+  spec = sharding.spec
+  if imp is not None and sharding_lib.named_sharding(imp) != sharding:
+    warnings.warn(f"quantize: the importance of {path} is not sharded like the weight "
+                  f"({getattr(imp, 'sharding', None)} vs {sharding}); resharding it.",
+                  stacklevel=4)
+    imp = jax.device_put(imp, sharding)
+  layers, fan_in, _ = _matrix(jnp.shape(leaf), layout, "channel")
+  rows = layers * (fan_in // group_size if group_size is not None else 1)
+  book_spec = sharding_lib.codebook_spec(names, 2 if rows == 1 else 3)
+
+  def local(*arrays):
+    w, h = arrays if imp is not None else (arrays[0], None)
+    [q] = _cluster_scalars([w], [h], [k], [None], [path], "channel", None, key, options,
+                           group_size, [layout])
+    return q.codebook, q.indices
+
+  args = (leaf,) if imp is None else (leaf, imp)
+  run = sharding_lib.shard_local(local, sharding, (spec,) * len(args), (book_spec, spec))
+  book, idx = run(*args)
+  return ClusteredArray(book, idx, stacked=layout.stacked)
 
 
 def _cluster_vectors(path, leaf, imp, k, key, options, layout="vector"):

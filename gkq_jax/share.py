@@ -53,15 +53,52 @@ from gkq_jax.clustered import ClusteredArray, is_clustered
 REDUCTIONS = ("mean", "sum")
 
 
-def _cluster_segments(leaf: ClusteredArray) -> tuple[jax.Array, int]:
-  """(segment id of every weight, in the dense layout; number of segments)."""
-  idx = leaf.indices.astype(jnp.int32)
+def _table(leaf: ClusteredArray) -> tuple[jax.Array, int]:
+  """(each weight's row in the leaf's table of clusters, as a (fan_in, C) array;
+  the table's number of rows). The table has one column per channel (one
+  column for vector codebooks), so per-cluster sums are scatters that follow a
+  channel sharding of the weight."""
+  if leaf.vector_shape is None:
+    return leaf.segments()
+  k, d = leaf.codebook.shape
+  seg = leaf.indices.astype(jnp.int32)[..., None] * d + jnp.arange(d, dtype=jnp.int32)
+  seg = _vectors.from_vectors(seg, leaf.vector_axis, leaf.vector_shape)  # as dequantize
+  return seg.reshape(-1, 1), k * d
+
+
+def _table_of_codebook(leaf: ClusteredArray, book) -> jax.Array:
+  """The codebook laid out as the leaf's (rows, columns) table."""
   if leaf.vector_shape is not None:
-    k, d = leaf.codebook.shape
-    seg = idx[..., None] * d + jnp.arange(d, dtype=jnp.int32)  # (*rest, d)
-    return _vectors.from_vectors(seg, leaf.vector_axis, leaf.vector_shape), k * d  # as dequantize
+    return book.reshape(-1, 1)
+  book = book if book.ndim == 3 else book[None]
+  groups, channels, k = book.shape
+  return book.transpose(0, 2, 1).reshape(groups * k, channels)
+
+
+def _codebook_of_table(leaf: ClusteredArray, table) -> jax.Array:
+  if leaf.vector_shape is not None:
+    return table.reshape(leaf.codebook.shape)
   k = leaf.codebook.shape[-1]
-  return leaf.codebook_rows() * k + idx, leaf.codebook.size
+  book = table.reshape(-1, k, table.shape[-1]).transpose(0, 2, 1)
+  return book.reshape(leaf.codebook.shape)
+
+
+def _scatter(seg, values, rows: int, op: str, fill=0.0):
+  """``op`` ("add", "max", "min") of ``values`` (fan_in, C) into a (rows, C) table."""
+  table = jnp.full((rows, seg.shape[1]), fill, values.dtype)
+  columns = jnp.arange(seg.shape[1], dtype=jnp.int32)[None, :]
+  return getattr(table.at[seg, columns], op)(values)
+
+
+def _gather(table, seg):
+  return table[seg, jnp.arange(seg.shape[1], dtype=jnp.int32)[None, :]]
+
+
+def _pinned_rows(leaf: ClusteredArray, rows: int) -> jax.Array | None:
+  """Rows of the table that are a pinned zero (index 0 of every codebook row)."""
+  if not leaf.pinned_zero or leaf.vector_shape is not None:
+    return None
+  return (jnp.arange(rows) % leaf.codebook.shape[-1] == 0)[:, None]
 
 
 def _is_masked(x) -> bool:
@@ -104,9 +141,8 @@ def _check_covers(clusters: dict, leaves: dict, what: str, caller: str) -> None:
 
 class ShareCentroidsState(NamedTuple):
   # One entry per clustered leaf of q, in q's order.
-  segments: tuple  # per weight: its cluster id (int32)
-  scale: tuple  # per cluster: 1/size ("mean") or 1 ("sum"); 0 for a pinned zero
-  first: tuple  # per cluster: flat position of one member, whose value is the cluster's
+  segments: tuple  # per weight: its cluster's row in the leaf's table, (fan_in, C) int32
+  scale: tuple  # per cluster: 1/size ("mean") or 1 ("sum"); 0 for a pinned zero; (rows, C)
 
 
 def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTransformation:
@@ -127,19 +163,16 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
   slots = {key: i for i, key in enumerate(clusters)}
 
   def leaf_state(leaf):
-    seg, n = _cluster_segments(leaf)
-    counts = jax.ops.segment_sum(jnp.ones(seg.size, jnp.float32), seg.reshape(-1), n)
-    scale = 1.0 / jnp.maximum(counts, 1.0) if reduce == "mean" else jnp.ones(n, jnp.float32)
-    if leaf.pinned_zero and leaf.vector_shape is None:
-      # Index 0 of every codebook row is the exact zero of pruned weights.
-      scale = scale.at[::leaf.codebook.shape[-1]].set(0.0)
-    positions = jnp.arange(seg.size, dtype=jnp.int32)
-    first = jax.ops.segment_min(positions, seg.reshape(-1), n)
-    first = jnp.minimum(first, seg.size - 1)  # an empty cluster's sentinel; never gathered
-    return seg, scale, first
+    seg, rows = _table(leaf)
+    counts = _scatter(seg, jnp.ones(seg.shape, jnp.float32), rows, "add")
+    scale = 1.0 / jnp.maximum(counts, 1.0) if reduce == "mean" else jnp.ones_like(counts)
+    pinned = _pinned_rows(leaf, rows)
+    if pinned is not None:
+      scale = jnp.where(pinned, 0.0, scale)
+    return seg, scale
 
-  triples = [leaf_state(leaf) for _, leaf in clusters.values()]
-  state = ShareCentroidsState(*(tuple(t[i] for t in triples) for i in range(3)))
+  pairs = [leaf_state(leaf) for _, leaf in clusters.values()]
+  state = ShareCentroidsState(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
 
   def init_fn(params):
     _check_covers(clusters, _leaves_by_key(params, is_leaf=_is_masked), "params",
@@ -164,27 +197,29 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
         out.append(u)
         continue
       out.append(_shared_update(u, param_by_key[key], state.segments[slot],
-                                state.scale[slot], state.first[slot]))
+                                state.scale[slot]))
     return treedef.unflatten(out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _shared_update(u: jax.Array, p: jax.Array, seg: jax.Array, scale: jax.Array,
-                   first: jax.Array) -> jax.Array:
+def _shared_update(u: jax.Array, p: jax.Array, seg: jax.Array, scale: jax.Array) -> jax.Array:
   """The update that puts every member of a cluster on the cluster's new value.
 
-  The new values are computed once per cluster (value of one member + reduced
-  update, rounded to the params' dtype); the barrier keeps XLA from recomputing
-  them per member, where a fused multiply-add could round one member apart.
+  The new values are computed once per cluster (the members' current value,
+  read as their maximum, + the reduced update, rounded to the params' dtype);
+  the barrier keeps XLA from recomputing them per member, where a fused
+  multiply-add could round one member apart.
   """
   p = jnp.asarray(p)
-  seg = seg.reshape(-1)
-  total = jax.ops.segment_sum(u.reshape(-1).astype(jnp.float32), seg, scale.shape[0])
-  current = p.reshape(-1)[first].astype(jnp.float32)
+  rows = scale.shape[0]
+  weights = p.reshape(seg.shape)
+  total = _scatter(seg, u.reshape(seg.shape).astype(jnp.float32), rows, "add")
+  current = _scatter(seg, weights.astype(jnp.float32), rows, "max", -jnp.inf)
+  current = jnp.where(jnp.isfinite(current), current, 0.0)  # empty clusters: never read
   moved = jax.lax.optimization_barrier((current + total * scale).astype(p.dtype))
   work = jnp.promote_types(jnp.promote_types(p.dtype, u.dtype), jnp.float32)
-  step = moved[seg].astype(work) - p.reshape(-1).astype(work)
+  step = _gather(moved, seg).astype(work) - weights.astype(work)
   return step.reshape(u.shape).astype(u.dtype)
 
 
@@ -211,24 +246,24 @@ def refresh_codebooks(quantized: Any, params: Any) -> Any:
     key = path_keys(path)
     if not is_clustered(leaf):
       return dense_by_key.get(key, leaf)
-    seg, n = _cluster_segments(leaf)
-    seg = seg.reshape(-1)
-    x = jnp.asarray(dense_by_key[key], jnp.float32).reshape(-1)
-    counts = jax.ops.segment_sum(jnp.ones(seg.size, jnp.float32), seg, n)
-    hi = jax.ops.segment_max(x, seg, n)
-    lo = jax.ops.segment_min(x, seg, n)
-    mean = jax.ops.segment_sum(x, seg, n) / jnp.maximum(counts, 1.0)
+    seg, rows = _table(leaf)
+    x = jnp.asarray(dense_by_key[key], jnp.float32).reshape(seg.shape)
+    counts = _scatter(seg, jnp.ones(seg.shape, jnp.float32), rows, "add")
+    hi = _scatter(seg, x, rows, "max", -jnp.inf)
+    lo = _scatter(seg, x, rows, "min", jnp.inf)
+    mean = _scatter(seg, x, rows, "add") / jnp.maximum(counts, 1.0)
     values = jnp.where(hi == lo, hi, mean)
-    if leaf.pinned_zero and leaf.vector_shape is None:
-      values = values.at[::leaf.codebook.shape[-1]].set(0.0)
-    old = leaf.codebook.reshape(-1)
-    book = jnp.where(counts > 0, values, old).reshape(leaf.codebook.shape)
+    pinned = _pinned_rows(leaf, rows)
+    if pinned is not None:
+      values = jnp.where(pinned, 0.0, values)
+    old = _table_of_codebook(leaf, leaf.codebook)
+    book = _codebook_of_table(leaf, jnp.where(counts > 0, values, old))
     out = leaf.replace(codebook=book.astype(leaf.codebook.dtype))
     # The drift check compares what the result decodes to with the params themselves,
     # so it also sees members that moved together off a pinned zero.
-    off = jnp.abs(out.dequantize().astype(jnp.float32).reshape(-1) - x)
+    off = jnp.abs(out.dequantize().astype(jnp.float32).reshape(seg.shape) - x)
     moved = off > 0
-    report = (jnp.sum(moved), jax.ops.segment_max(moved.astype(jnp.int32), seg, n).sum(),
+    report = (jnp.sum(moved), jnp.sum(_scatter(seg, moved.astype(jnp.int32), rows, "max", 0)),
               jnp.max(off), jnp.max(jnp.abs(x)))
     if is_traced(*report):
       jax.debug.callback(functools.partial(_warn_drift, path_string(path)), *report)

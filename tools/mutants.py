@@ -114,8 +114,8 @@ MUTANTS = (
     Mutant("share-plain-p-plus-u",
            "members of a cluster land on one value by construction (issue 20)",
            "gkq_jax/share.py",
-           "  step = moved[seg].astype(work) - p.reshape(-1).astype(work)\n",
-           "  step = (total * scale)[seg].astype(work)\n",
+           "  step = _gather(moved, seg).astype(work) - weights.astype(work)\n",
+           "  step = _gather(total * scale, seg).astype(work)\n",
            ("tests/library/test_share_exact.py::"
             "test_a_member_knocked_one_ulp_off_its_value_is_pulled_back",)),
     Mutant("runtime-wraps-negative-start",

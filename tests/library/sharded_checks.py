@@ -1,0 +1,107 @@
+"""Run by tests/library/test_sharding.py in a fresh process with N simulated CPU
+devices (XLA_FLAGS=--xla_force_host_platform_device_count=N set before JAX
+starts); prints one JSON object of findings. Not collected by pytest."""
+
+import json
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import gkq_jax as gkq
+
+mesh = Mesh(np.array(jax.devices()), ("model",))
+rng = np.random.default_rng(0)
+PARAMS = {"mlp": {"kernel": jnp.asarray(rng.standard_normal((96, 64)), jnp.float32)},
+          "q": {"kernel": jnp.asarray(rng.standard_normal((32, 8, 16)), jnp.bfloat16)}}
+SPECS = {"mlp": {"kernel": P(None, "model")}, "q": {"kernel": P(None, "model", None)}}
+RULES = [gkq.bits_rule("mlp/kernel", 3), gkq.bits_rule("q/kernel", 3, channel_axes=2)]
+IMPORTANCE = jax.tree.map(lambda w: jnp.abs(w.astype(jnp.float32)) + 0.1, PARAMS)
+
+
+def shard(tree):
+  return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, SPECS)
+
+
+def gathers(fn, *args) -> list[int]:
+  """Bytes of the result of every all-gather in ``fn``'s compiled program."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  sizes = []
+  for line in text.splitlines():
+    if "all-gather(" in line or "all-gather-start(" in line:
+      shape = re.search(r"= \(?(\w+)\[([\d,]*)\]", line)
+      if shape:
+        dims = [int(d) for d in shape.group(2).split(",") if d]
+        sizes.append(int(np.prod(dims)) * (2 if shape.group(1) in ("bf16", "f16") else 4))
+  return sizes
+
+
+def specs(tree):
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(p): str(x.sharding.spec) for p, x in leaves}
+
+
+def equal(a, b) -> bool:
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def main():
+  out = {"devices": len(jax.devices())}
+  sp, si = shard(PARAMS), shard(IMPORTANCE)
+  weight_bytes = min(int(np.prod(x.shape)) * x.dtype.itemsize // len(jax.devices())
+                     for x in jax.tree.leaves(sp))
+  for group_size in (None, 16):
+    tag = f"gs{group_size}"
+    one = gkq.quantize(PARAMS, IMPORTANCE, RULES, granularity="channel", group_size=group_size)
+    many = gkq.quantize(sp, si, RULES, granularity="channel", group_size=group_size)
+    out[f"{tag}/quantize_equal"] = equal(one, many)
+    out[f"{tag}/quantize_specs"] = specs(many)
+    dense = jax.jit(gkq.dequantize)(many)
+    out[f"{tag}/dequantize_equal"] = equal(gkq.dequantize(one), dense)
+    out[f"{tag}/dequantize_specs"] = specs(dense)
+    out[f"{tag}/dequantize_gathers"] = gathers(gkq.dequantize, many)
+    tx = optax.chain(optax.adam(0.01), gkq.keep_pruned(optax.identity(), jax.tree.map(
+        lambda w: jnp.ones(w.shape, bool), dense)), gkq.share_centroids(many))
+    state = tx.init(dense)
+    grads = jax.tree.map(lambda w: jnp.cos(w.astype(jnp.float32)).astype(w.dtype), dense)
+
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    stepped, _ = jax.jit(step)(dense, state, grads)
+    out[f"{tag}/step_specs"] = specs(stepped)
+    out[f"{tag}/step_gathers"] = gathers(step, dense, state, grads)
+    one_tx = optax.chain(optax.adam(0.01), gkq.share_centroids(one))
+    one_dense = gkq.dequantize(one)
+    one_step, _ = jax.jit(lambda p, s, g: (optax.apply_updates(
+        p, one_tx.update(g, s, p)[0]), s))(one_dense, one_tx.init(one_dense), grads)
+    out[f"{tag}/step_equal"] = equal(one_step, stepped)
+    refreshed = jax.jit(gkq.refresh_codebooks)(many, stepped)
+    out[f"{tag}/refresh_specs"] = specs(refreshed)
+    out[f"{tag}/refresh_gathers"] = gathers(gkq.refresh_codebooks, many, stepped)
+    out[f"{tag}/pack_specs"] = specs(gkq.pack_tree(many))
+
+  loss = lambda p, b: jnp.sum(jnp.tanh(0.1 * b @ p["mlp"]["kernel"]))
+  batches = [jnp.asarray(rng.standard_normal((4, 96)), jnp.float32) for _ in range(2)]
+  imp = gkq.compute_importance(loss, {"mlp": sp["mlp"]}, batches)
+  out["importance_specs"] = specs(imp)
+  alone = gkq.compute_importance(loss, {"mlp": PARAMS["mlp"]}, batches)
+  a, b = np.asarray(imp["mlp"]["kernel"]), np.asarray(alone["mlp"]["kernel"])
+  out["importance_max_relative_difference"] = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+  one = gkq.cluster_per_channel(PARAMS["mlp"]["kernel"], IMPORTANCE["mlp"]["kernel"], 8)
+  many = gkq.cluster_per_channel(sp["mlp"]["kernel"], si["mlp"]["kernel"], 8)
+  out["per_channel_equal"] = equal(one, many)
+  out["per_channel_specs"] = specs(many)
+  out["weight_shard_bytes"] = weight_bytes
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
