@@ -98,6 +98,7 @@ from gkq_jax.rules import (
     clusters_for,
     selected_leaves,
 )
+from gkq_jax.sharded_file import load_sharded, save_sharded, shardings_of
 from gkq_jax.share import codebook_params, refresh_codebooks, replace_codebooks, share_centroids
 from gkq_jax.structured import (
     ChannelGroup,
@@ -136,7 +137,8 @@ __all__ = [
     "PackedArray", "is_packed", "pack", "pack_indices", "pack_tree", "unpack", "unpack_indices",
     "unpack_tree", "apply_packed", "merge_packed", "lut_matmul", "lut_matmul_reference",
     "lut_unsupported", "cluster_per_channel", "stream_per_channel", "fake_reassign", "reassign",
-    "LeafAxes", "layer_axes", "rtn_array", "rtn_quantize",
+    "LeafAxes", "layer_axes", "rtn_array", "rtn_quantize", "load_sharded", "save_sharded",
+    "shardings_of",
     # Option values the job and users validate against.
     "ALLOCATIONS", "BUDGET_METHODS", "DEFAULT_CHUNK_VALUES", "DKM_FORMS", "DKM_ON_DEGENERATE",
     "KMEANS_INITS", "KMEANS_METHODS", "KMEANS_OBJECTIVES", "PRUNE_SCOPES",

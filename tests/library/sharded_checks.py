@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gkq_jax as gkq
+from gkq_jax import sharding as sharding_lib
 
 mesh = Mesh(np.array(jax.devices()), ("model",))
 rng = np.random.default_rng(0)
@@ -100,7 +101,40 @@ def main():
   out["per_channel_equal"] = equal(one, many)
   out["per_channel_specs"] = specs(many)
   out["weight_shard_bytes"] = weight_bytes
+  out.update(bad_input())
   print(json.dumps(out))
+
+
+def _error(fn) -> str:
+  """The message of the ValueError ``fn`` raises ('' when it raises none)."""
+  try:
+    fn()
+  except ValueError as e:
+    return str(e)
+  return ""
+
+
+def bad_input() -> dict:
+  """What quantize says of shardings it cannot follow."""
+  rules = [gkq.bits_rule("w", 3)]
+  rows = jax.device_put(PARAMS["mlp"]["kernel"], NamedSharding(mesh, P("model", None)))
+  split = jax.device_put(PARAMS["mlp"]["kernel"], NamedSharding(mesh, P(None, "model")))
+  found = {
+      # jax.device_put refuses such an array; a sharding given by hand can still say it.
+      "uneven_error": _error(lambda: sharding_lib.channel_split(
+          "w", (96, 66), NamedSharding(mesh, P(None, "model")), 0, 1)),
+      "rows_error": _error(lambda: gkq.quantize({"w": rows}, None, rules,
+                                                granularity="channel")),
+      "layer_error": _error(lambda: gkq.quantize({"w": split}, None, rules)),
+  }
+  import warnings
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    q = gkq.quantize({"w": split}, {"w": jnp.abs(PARAMS["mlp"]["kernel"])}, rules,
+                     granularity="channel")
+  found["resharded_warning"] = " ".join(str(c.message) for c in caught)
+  found["resharded_spec"] = str(q["w"].indices.sharding.spec)
+  return found
 
 
 if __name__ == "__main__":

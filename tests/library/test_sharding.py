@@ -60,3 +60,56 @@ def test_importance_and_cluster_per_channel_follow_the_weights(findings):
   assert findings["per_channel_equal"]
   assert findings["per_channel_specs"] == {".codebook": "P('model',)",
                                            ".indices": "P(None, 'model')"}
+
+
+def test_shardings_it_cannot_follow_are_named(findings):
+  assert "channel axis of 66 does not split evenly" in findings["uneven_error"]
+  assert "along axes other than its output channels" in findings["rows_error"]
+  assert "would gather it onto one device" in findings["layer_error"]
+  assert "importance of w is not sharded like the weight" in findings["resharded_warning"]
+  assert findings["resharded_spec"] == "P(None, 'model')"
+
+
+def test_two_processes_compress_their_own_channels_and_write_them(tmp_path):
+  port = str(21000 + os.getpid() % 20000)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, str(HERE / "two_process_checks.py"), str(i), port,
+                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=240) for p in procs]
+  finally:  # one process failing leaves the other waiting at a barrier
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+  for out, _ in outs:
+    host = json.loads(out.strip().splitlines()[-1])
+    assert (host["processes"], host["devices"], host["local_channels"]) == (2, 2, [32])
+    for check in ("indices", "codebook", "dequantize", "step", "file_indices", "file_codebook",
+                  "orbax_indices"):
+      assert host[check] is True, check
+    assert host["step_spec"] == host["file_spec"] == host["orbax_spec"] == "P(None, 'model')"
+  assert (tmp_path / "file" / "process-00000.gkq").exists()
+  assert (tmp_path / "file" / "process-00001.gkq").exists()
+
+
+def test_sharded_file_set_on_one_device_reads_back_whole(tmp_path):
+  import jax.numpy as jnp
+  import numpy as np
+
+  import gkq_jax as gkq
+  rng = np.random.default_rng(1)
+  params = {"dense": {"kernel": jnp.asarray(rng.standard_normal((40, 12)), jnp.float32),
+                      "bias": jnp.asarray(rng.standard_normal(12), jnp.float32)}}
+  q = gkq.quantize(params, None, [gkq.bits_rule("kernel", 2)], granularity="channel")
+  written = gkq.save_sharded(tmp_path / "set", q)
+  assert written["shards"] == 2
+  back = gkq.load_sharded(tmp_path / "set")
+  np.testing.assert_array_equal(gkq.dequantize(back)["dense"]["kernel"],
+                                gkq.dequantize(q)["dense"]["kernel"])
+  np.testing.assert_array_equal(back["dense"]["bias"], params["dense"]["bias"])
+  with pytest.raises(ValueError, match="written by save_sharded"):
+    gkq.load_sharded(tmp_path)
+  with pytest.raises(ValueError, match="does not hold"):
+    gkq.load_sharded(tmp_path / "set", {"dense/nope": None})
