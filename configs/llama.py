@@ -13,7 +13,10 @@ Any other Llama checkpoint is measured instead of training one:
 ``--config.checkpoint=hf:owner/name``.
 
 Variants: ``:bpe`` (a byte-level BPE of 2,048 ids trained on the train split instead of bytes);
-``:smoke`` (a tiny model on 12 files, seconds).
+``:smoke`` (a tiny model on 12 files, seconds); ``:ptq`` (mode ``ptq``,
+gkq_jax/job/modes/ptq.py: the model trained by the default run, runs/llama/checkpoint,
+compressed by RTN, qwix, k-means and gkq side by side; ``:ptq_smoke``, the same in seconds on
+the checkpoint given as ``--config.checkpoint``).
 """
 
 import ml_collections
@@ -50,6 +53,10 @@ def get_config(variant: str = ""):
       max_files=0,  # 0: every file; n: the first n of the seeded order (quick runs)
       serving_batch=32,  # tokens/s measured at batch 1 and at this batch
       throughput_repeats=5))
+  c.ptq = ptq_section()
+  if variant in ("ptq", "ptq_smoke"):
+    c.mode = "ptq"
+    c.checkpoint = "runs/llama/checkpoint"  # python main.py --config=configs/llama.py
   if variant == "bpe":
     c.lm.tokenizer = "bpe"
   elif variant == "smoke":
@@ -61,6 +68,33 @@ def get_config(variant: str = ""):
                      num_heads=4, num_kv_heads=2, steps=12, warmup_steps=2,
                      fractions=(0.5, 0.25, 0.25), max_files=12, serving_batch=4,
                      throughput_repeats=2, bpe_vocab_size=300))
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of llama.py: use bpe or smoke.")
+  elif variant == "ptq_smoke":
+    c.checkpoint = ""  # the test's tiny Llama folder
+    c.eval_batch_size = 8
+    c.lm.update(dict(seq_len=32, fractions=(0.5, 0.25, 0.25), max_files=12))
+    c.ptq.update(dict(bits=(2,), calibration_batches=2, calibration_batch_size=2,
+                      eval_tokens=2048, group_size=16))
+  elif variant and variant != "ptq":
+    raise ValueError(f"unknown variant {variant!r} of llama.py: use bpe, smoke, ptq or "
+                     "ptq_smoke.")
   return c
+
+
+def ptq_section(**overrides) -> ml_collections.ConfigDict:
+  """The ``ptq`` mode's settings (shared with configs/minilm.py)."""
+  section = ml_collections.ConfigDict(dict(
+      # gkq_jax/job/modes/ptq.py METHODS, each at every bits (qwix's types once each)
+      methods=("rtn", "rtn_mse", "rtn_g128", "qwix_int8", "qwix_int4", "kmeans", "gkq_abs",
+               "gkq_fisher", "gkq_fisher_g128", "gkq_fisher_sparse", "gkq_fisher_alloc", "gkq_act",
+               "gkq_act_ef", "gkq_fisher_ef"),
+      bits=(4, 3, 2),  # 2**bits levels / codebook entries per channel or group
+      pattern="kernel$",  # the matrices compressed: every Linear kernel
+      embeddings=False,  # also the token embedding (and so a tied output matrix)
+      group_size=128,  # input rows per group of the *_g128 methods
+      sparse_fraction=0.0045,  # of each matrix kept exactly by gkq_fisher_sparse
+      calibration_batches=16,  # importance: batches of the train split / calibration pairs
+      calibration_batch_size=8,
+      calibration_length=128,  # tokens per calibration text (embeddings)
+      eval_tokens=65536))  # tokens of each evaluation split measured (0: all)
+  section.update(overrides)
+  return section

@@ -11,13 +11,15 @@ sentences/s at batch 1 and 32.
 absolute one, or ``hf:owner/name``: ``--config.checkpoint=<folder>`` measures any other
 BERT / sentence-transformers checkpoint.
 
-Variant: ``:smoke`` (a small task for a tiny model; the tests write a random BERT in Hugging
-Face layout and pass its folder as ``checkpoint``).
+Variants: ``:ptq`` (mode ``ptq``, gkq_jax/job/modes/ptq.py: the checkpoint compressed by
+RTN, qwix, k-means and gkq side by side, calibrated on the task's calibration pairs);
+``:smoke`` (a small task for a tiny model; the tests write a random BERT in Hugging Face
+layout and pass its folder as ``checkpoint``).
 """
 
 import ml_collections
 
-from configs import default
+from configs import default, llama
 
 
 def get_config(variant: str = ""):
@@ -35,10 +37,13 @@ def get_config(variant: str = ""):
       neighbours=10,  # k of the top-k neighbour overlap with the fp32 embeddings
       serving_batch=32,  # sentences/s measured at batch 1 and at this batch
       throughput_repeats=10))
-  if variant == "smoke":
+  c.ptq = llama.ptq_section(calibration_batches=16, calibration_batch_size=32)
+  if variant == "ptq":
+    c.mode = "ptq"
+  elif variant == "smoke":
     c.checkpoint = ""  # the test's tiny random BERT folder
     c.embeddings.update(dict(calibration_size=16, evaluation_size=48, max_files=60,
                              batch_size=16, serving_batch=4, throughput_repeats=2))
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} of minilm.py: use smoke.")
+    raise ValueError(f"unknown variant {variant!r} of minilm.py: use ptq or smoke.")
   return c

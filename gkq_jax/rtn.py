@@ -5,7 +5,8 @@ gets ``2**bits`` evenly spaced levels; every weight is rounded to the nearest.
 The levels span the group's range:
 
   * ``clip="minmax"``: from the group's minimum to its maximum (asymmetric,
-    the integer quantizers of GPTQ's and SqueezeLLM's RTN rows);
+    the integer quantizers of GPTQ's and SqueezeLLM's RTN rows), widened to hold 0
+    with 0 a level (an integer zero point, as GPTQ's quantizer);
   * ``clip="mse"``: the range shrunk towards the group's centre by the factor
     in ``CLIP_FACTORS`` that gives the least squared error (importance-weighted
     when ``importance`` is given), the grid search AWQ and GPTQ's code use.
@@ -41,10 +42,14 @@ def _grid(w, h, *, levels: int, clip: str):
 
   def quantize(factor):
     cut = (hi - lo) * (1 - factor) / 2  # factor 1: the range itself, exactly
-    a, b = lo + cut, hi - cut
+    # The range widened to hold 0 and the grid shifted by a whole number of steps so
+    # that 0 is a level (GPTQ's integer zero point): the grid is then two numbers per
+    # row in the file, (i - zero) * step, rebuilt bit for bit.
+    a, b = jnp.minimum(lo + cut, 0.0), jnp.maximum(hi - cut, 0.0)
     step = jnp.where(b > a, (b - a) / (levels - 1), 1.0)
-    idx = jnp.clip(jnp.round((w - a[:, None]) / step[:, None]), 0, levels - 1)
-    book = a[:, None] + step[:, None] * jnp.arange(levels, dtype=w.dtype)[None, :]
+    zero = jnp.round(-a / step)
+    book = (jnp.arange(levels, dtype=w.dtype)[None, :] - zero[:, None]) * step[:, None]
+    idx = jnp.clip(jnp.round(w / step[:, None] + zero[:, None]), 0, levels - 1)
     err = jnp.sum(h * (jnp.take_along_axis(book, idx.astype(jnp.int32), 1) - w) ** 2, axis=1)
     return book, idx.astype(jnp.int32), err
 

@@ -30,7 +30,16 @@ from gkq_jax.job import report as report_lib
 from gkq_jax.job.data import images as data_lib
 from gkq_jax.job.data import streaming
 from gkq_jax.job.modes import compress as pipeline
-from gkq_jax.job.modes import dkm_stage, embeddings, equal_bytes, lm, qat_stage, studies, survey
+from gkq_jax.job.modes import (
+  dkm_stage,
+  embeddings,
+  equal_bytes,
+  lm,
+  ptq,
+  qat_stage,
+  studies,
+  survey,
+)
 from gkq_jax.job.training import train as train_lib
 
 MODES = {
@@ -42,8 +51,9 @@ MODES = {
     "survey": survey.survey,
     "lm": lm.lm,
     "embeddings": embeddings.embeddings,
+    "ptq": ptq.ptq,
 }
-TRANSFORMER_MODES = ("lm", "embeddings")  # mode(config, workdir) -> results: no image data
+TRANSFORMER_MODES = ("lm", "embeddings", "ptq")  # mode(config, workdir) -> results: no image data
 
 
 def prepare_workdir(workdir) -> pathlib.Path:
@@ -114,6 +124,7 @@ def check_config(config) -> None:
   equal_bytes.check_config(config)
   lm.check_config(config)
   embeddings.check_config(config)
+  ptq.check_config(config)
   context.cluster_rules(config)  # parses quantize.rules
 
 

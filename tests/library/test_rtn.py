@@ -11,10 +11,12 @@ W = np.random.default_rng(0).standard_t(4, (64, 6)).astype(np.float32)  # heavy 
 
 
 def _numpy_rtn(w, bits):
-  """Asymmetric min-max RTN per column, written out."""
-  lo, hi = w.min(0), w.max(0)
+  """Asymmetric min-max RTN per column with an integer zero point (GPTQ's quantizer),
+  written out."""
+  lo, hi = np.minimum(w.min(0), 0), np.maximum(w.max(0), 0)
   step = (hi - lo) / (2 ** bits - 1)
-  return lo + np.round((w - lo) / step) * step
+  zero = np.round(-lo / step)
+  return step * (np.clip(np.round(w / step) + zero, 0, 2 ** bits - 1) - zero)
 
 
 def test_minmax_per_channel_is_the_textbook_quantizer():
@@ -22,8 +24,14 @@ def test_minmax_per_channel_is_the_textbook_quantizer():
   assert q.codebook.shape == (6, 8)
   np.testing.assert_allclose(q.dequantize(), _numpy_rtn(W, 3), rtol=1e-5, atol=1e-6)
   book = np.asarray(q.codebook)
-  np.testing.assert_allclose(book[:, 0], W.min(0))
-  np.testing.assert_allclose(book[:, -1], W.max(0), rtol=1e-6)
+  step = (book[:, -1] - book[:, 0]) / 7
+  assert np.all(np.abs(book[:, 0] - W.min(0)) <= step / 2 + 1e-6)
+  assert np.all(np.abs(book[:, -1] - W.max(0)) <= step / 2 + 1e-6)
+  # 0 is a level, so the file stores each row as two numbers (scale and offset).
+  assert np.all((book == 0).any(axis=1))
+  table = gkq.quantize({"w": jnp.asarray(W)}, None, [gkq.bits_rule("w", 3)],
+                       granularity="channel")["w"]  # the same layout with a float table
+  assert gkq.stored_bytes(q) < gkq.stored_bytes(table) - 0.8 * book.size * 4
 
 
 def test_mse_clipping_never_loses_to_minmax_and_wins_on_heavy_tails():
