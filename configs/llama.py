@@ -92,6 +92,7 @@ def ptq_section(**overrides) -> ml_collections.ConfigDict:
       embeddings=False,  # also the token embedding (and so a tied output matrix)
       group_size=128,  # input rows per group of the *_g128 methods
       sparse_fraction=0.0045,  # of each matrix kept exactly by gkq_fisher_sparse
+      feedback_rounds=2,  # *_ef: (error-feedback indices, codebook refit) rounds
       calibration_batches=16,  # importance: batches of the train split / calibration pairs
       calibration_batch_size=8,
       calibration_length=128,  # tokens per calibration text (embeddings)

@@ -76,3 +76,32 @@ def error_feedback_indices(weight, clustered: ClusteredArray, hessian, *,
   _, indices = jax.lax.fori_loop(0, rows, row_step,
                                  (w, jnp.zeros((rows, channels), clustered.indices.dtype)))
   return clustered.replace(indices=indices)
+
+
+def refit_codebooks(weight, clustered: ClusteredArray, hessian, *,
+                    ridge: float = 1e-6) -> ClusteredArray:
+  """``clustered`` with every codebook entry set to minimise the output error given the
+  indices: per channel c, b_c = argmin (w_c - S_c b)^T H (w_c - S_c b), S_c the one-hot
+  indices, a (k, k) solve per channel (per-layer codebooks: one solve over all channels).
+  GPTVQ's codebook update; never raises the error for these indices. Entries no weight
+  uses keep their value (the small ridge pulls them there).
+
+  Args as :func:`error_feedback_indices`; codebooks (C, k) or (1, k).
+  """
+  w = jnp.asarray(weight, jnp.float32)
+  book = jnp.asarray(clustered.codebook, jnp.float32)
+  if w.ndim != 2 or book.ndim != 2 or clustered.vector_shape is not None:
+    raise ValueError("refit_codebooks takes a 2-D weight with per-channel (C, k) or per-layer "
+                     f"(1, k) codebooks; got weight {w.shape}, codebook {book.shape}.")
+  h = jnp.asarray(hessian, jnp.float32)
+  k = book.shape[-1]
+  onehot = jax.nn.one_hot(clustered.indices, k, dtype=jnp.float32)  # (F, C, k)
+  h_onehot = jnp.einsum("fg,gck->fck", h, onehot)
+  gram = jnp.einsum("fck,fcj->ckj", onehot, h_onehot)  # (C, k, k)
+  target = jnp.einsum("fck,fc->ck", h_onehot, w)
+  if book.shape[0] == 1:
+    gram, target = gram.sum(0, keepdims=True), target.sum(0, keepdims=True)
+  lam = ridge * jnp.mean(jnp.diagonal(h)) * jnp.maximum(1.0, w.shape[0] / k)
+  eye = jnp.eye(k, dtype=jnp.float32)
+  new = jnp.linalg.solve(gram + lam * eye, (target + lam * book)[..., None])[..., 0]
+  return clustered.replace(codebook=new.astype(clustered.codebook.dtype))

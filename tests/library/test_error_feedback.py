@@ -54,3 +54,15 @@ def test_wrong_shapes_are_named():
     error_feedback_indices(w, q, h[:10, :10])
   with pytest.raises(ValueError, match="2-D"):
     error_feedback_indices(w.reshape(4, 12, 6), q, h)
+
+
+def test_refit_codebooks_lowers_the_output_error():
+  from gkq_jax.error_feedback import refit_codebooks
+  x, w, nearest, h = _setup(seed=2)
+  fed = error_feedback_indices(w, nearest, h)
+  refit = jax.jit(refit_codebooks)(w, fed, h)
+  np.testing.assert_array_equal(refit.indices, fed.indices)
+  assert _output_error(x, w, refit) < 0.95 * _output_error(x, w, fed)
+  layer = gkq.quantize({"w": jnp.asarray(w)}, None, [gkq.bits_rule("w", 2)])["w"]
+  assert refit_codebooks(w, layer, h).codebook.shape == (1, 4)
+  assert _output_error(x, w, refit_codebooks(w, layer, h)) < _output_error(x, w, layer)

@@ -293,16 +293,23 @@ def _gkq_tree(method: str, bits: int, params, importance, rules, p):
   return gkq.quantize(params, None if method == "kmeans" else importance, rules, **options)
 
 
-def _with_error_feedback(tree, params, moments: dict):
-  """Every clustered Linear kernel's indices re-chosen with GPTQ's error feedback
-  (:func:`gkq_jax.error_feedback.error_feedback_indices`), its codebook kept."""
+def _with_error_feedback(tree, params, moments: dict, rounds: int):
+  """Every clustered Linear kernel, ``rounds`` times: indices re-chosen with GPTQ's error
+  feedback (:func:`gkq_jax.error_feedback.error_feedback_indices`), then its codebooks refit
+  to those indices (:func:`gkq_jax.error_feedback.refit_codebooks`; per channel or per
+  layer, not per group)."""
   weights = dict(named_leaves(params))
   feedback = jax.jit(error_feedback.error_feedback_indices)
+  refit = jax.jit(error_feedback.refit_codebooks)
   out = []
   for path, leaf in named_leaves(tree, is_leaf=gkq.is_clustered):
     module = path.rsplit("/", 1)[0]
     if gkq.is_clustered(leaf) and module in moments and jnp.ndim(weights[path]) == 2:
-      leaf = feedback(weights[path], leaf, jnp.asarray(moments[module], jnp.float32))
+      h = jnp.asarray(moments[module], jnp.float32)
+      for _ in range(rounds):
+        leaf = feedback(weights[path], leaf, h)
+        if leaf.codebook.ndim == 2 and leaf.sparse is None:
+          leaf = refit(weights[path], leaf, h)
     out.append(leaf)
   return jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(tree, is_leaf=gkq.is_clustered), out)
@@ -342,7 +349,7 @@ def compress(subject: Subject, method: str, bits: int, rules, importances: dict,
   if method.endswith("_ef"):
     activation = importances["activation"]
     seconds += activation.seconds if found is not activation else 0.0
-    tree = _with_error_feedback(tree, params, activation.moments)
+    tree = _with_error_feedback(tree, params, activation.moments, p.feedback_rounds)
   dense = gkq.dequantize(tree)
   jax.block_until_ready(dense)
   seconds += time.perf_counter() - start
