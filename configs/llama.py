@@ -73,7 +73,7 @@ def get_config(variant: str = ""):
     c.eval_batch_size = 8
     c.lm.update(dict(seq_len=32, fractions=(0.5, 0.25, 0.25), max_files=12))
     c.ptq.update(dict(bits=(2,), calibration_batches=2, calibration_batch_size=2,
-                      eval_tokens=2048, group_size=16))
+                      eval_tokens=2048, group_size=16, packed_method=""))
   elif variant and variant != "ptq":
     raise ValueError(f"unknown variant {variant!r} of llama.py: use bpe, smoke, ptq or "
                      "ptq_smoke.")
@@ -93,6 +93,8 @@ def ptq_section(**overrides) -> ml_collections.ConfigDict:
       group_size=128,  # input rows per group of the *_g128 methods
       sparse_fraction=0.0045,  # of each matrix kept exactly by gkq_fisher_sparse
       feedback_rounds=2,  # *_ef: (error-feedback indices, codebook refit) rounds
+      packed_method="gkq_act_ef",  # batch-1 speed from packed weights vs dense ("": none)
+      packed_bits=4,
       calibration_batches=16,  # importance: batches of the train split / calibration pairs
       calibration_batch_size=8,
       calibration_length=128,  # tokens per calibration text (embeddings)

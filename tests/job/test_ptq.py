@@ -42,6 +42,7 @@ def trained_lm(tmp_path_factory):
 def table(trained_lm, tmp_path_factory):
   config = _ptq(trained_lm, methods=("rtn", "kmeans", "gkq_fisher", "gkq_act", "gkq_act_ef",
                                              "qwix_int8"), bits=(2,),
+                packed_method="gkq_act_ef", packed_bits=2,
                 eval_tokens=4096, calibration_batches=4, calibration_batch_size=4)
   return run_lib.run(config, tmp_path_factory.mktemp("ptq"), command="test")
 
@@ -65,6 +66,9 @@ def test_fisher_weighted_codebooks_beat_kmeans_which_beats_rtn(table):
   for method in ("rtn", "kmeans", "gkq_fisher"):
     assert 1 < _row(table, method)["bits_per_weight"] < 32
   assert [c for c in table["table"]["columns"][:2]] == ["method", "bits"]
+  # The packed runtime runs the compressed LM as its dense weights do.
+  assert table["packed"]["max_abs_difference"] < 1e-4
+  assert table["packed"]["packed_tokens_per_second"] > 0
 
 
 def test_codebooks_with_room_for_every_value_give_fp32_logits(trained_lm):

@@ -60,6 +60,7 @@ from gkq_jax.job.data import text as text_lib
 from gkq_jax.job.modes import embeddings as embeddings_lib
 from gkq_jax.job.modes import lm as lm_lib
 from gkq_jax.job.modes import transformer
+from gkq_jax.job.training import lm_metrics
 
 METHODS = ("rtn", "rtn_mse", "rtn_g128", "qwix_int8", "qwix_int4", "kmeans", "gkq_abs",
            "gkq_fisher", "gkq_fisher_g128", "gkq_fisher_sparse", "gkq_fisher_alloc",
@@ -258,6 +259,7 @@ class Compressed:
   weight_bytes: int  # bytes of the selected weights as stored
   weights: int  # how many weights that is
   seconds: float
+  tree: Any = None  # the compressed Params (ClusteredArray leaves); None for qwix
 
 
 def _with_params(model: nnx.Module, params) -> nnx.Module:
@@ -355,7 +357,7 @@ def compress(subject: Subject, method: str, bits: int, rules, importances: dict,
   seconds += time.perf_counter() - start
   weights = sum(int(np.size(x)) for _, x in selected(params, rules))
   return Compressed(_with_params(subject.model, dense), _clustered_bytes(tree), weights,
-                    seconds)
+                    seconds, tree)
 
 
 def input_moments(model: nnx.Module, forward: Callable, batches) -> dict[str, np.ndarray]:
@@ -465,10 +467,38 @@ def run_table(subject: Subject, p, rows_file: pathlib.Path | None = None,
   return {"fp32": fp32, "rows": rows}
 
 
+def packed_speed(subject: Subject, done: Compressed, repeats: int = 5) -> dict:
+  """Batch-1 forward speed of ``done``'s model run from its packed weights
+  (:func:`gkq_jax.merge_packed`) beside the same model run dense, timed alternately in one
+  run, and the largest difference between their outputs."""
+  graphdef, _, rest = nnx.split(done.model, nnx.Param, ...)
+  packed = gkq.merge_packed(graphdef, gkq.pack_tree(done.tree), rest)
+  dense_fn, packed_fn = transformer.jitted(done.model, subject.qwix_method), None
+  packed_fn = transformer.jitted(packed, subject.qwix_method)
+  out = {"max_abs_difference": float(np.max(np.abs(
+      np.asarray(dense_fn(*subject.sample), np.float32)
+      - np.asarray(packed_fn(*subject.sample), np.float32))))}
+  tokens = int(np.size(subject.sample[0]))
+  for name, fn in (("dense", dense_fn), ("packed", packed_fn), ("dense_again", dense_fn)):
+    speed = lm_metrics.tokens_per_second(lambda x: fn(*x), subject.sample, tokens,
+                                         repeats=repeats)
+    out[f"{name}_tokens_per_second"] = speed.tokens_per_second
+  return out
+
+
 def ptq(config, workdir) -> dict:
   """The mode: the table of :func:`run_table` for the configured checkpoint."""
   subject = lm_subject(config) if config.model == "llama" else embedding_subject(config)
   table = run_table(subject, config.ptq, pathlib.Path(workdir) / "ptq_rows.jsonl")
+  if config.ptq.packed_method:
+    method, bits = config.ptq.packed_method, int(config.ptq.packed_bits)
+    importances = {k: importance_for(subject, k) for k in
+                   {IMPORTANCE_OF.get(method), "activation" if method.endswith("_ef") else None}
+                   if k}
+    done = compress(subject, method, bits, rules_for(config.ptq, bits), importances,
+                    config.ptq)
+    table["packed"] = {"method": method, "bits": bits, **packed_speed(subject, done)}
+    logging.info("ptq packed: %s", table["packed"])
   results = {"mode": "ptq", "model": config.model, "checkpoint": config.checkpoint,
              "parameters": transformer.parameter_count(subject.model),
              "ptq": {k: (list(v) if isinstance(v, (tuple, list)) else v)
