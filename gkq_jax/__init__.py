@@ -5,13 +5,20 @@ in :mod:`gkq_jax.job` (``pip install 'gkq_jax[job]'``) and is never imported her
 """
 
 from gkq_jax._clustering import Clustering
+from gkq_jax._outliers import SPARSE_SCOPES, SPARSE_SCORES
 from gkq_jax._paths import named_leaves, path_string
 from gkq_jax._version import __version__
 from gkq_jax.allocation import ALLOCATIONS, BudgetResult, Choice, allocate, quantize_to_budget
 from gkq_jax.allocation import METHODS as BUDGET_METHODS
 from gkq_jax.axes import LeafAxes, layer_axes
 from gkq_jax.channels import DEFAULT_CHUNK_VALUES, cluster_per_channel, stream_per_channel
-from gkq_jax.clustered import ClusteredArray, clustered_leaves, dequantize, is_clustered
+from gkq_jax.clustered import (
+    ClusteredArray,
+    SparseOutliers,
+    clustered_leaves,
+    dequantize,
+    is_clustered,
+)
 from gkq_jax.distill import distillation_loss, soft_targets
 from gkq_jax.dkm import FORMS as DKM_FORMS
 from gkq_jax.dkm import ON_DEGENERATE as DKM_ON_DEGENERATE
@@ -138,8 +145,9 @@ __all__ = [
     "unpack_tree", "apply_packed", "merge_packed", "lut_matmul", "lut_matmul_reference",
     "lut_unsupported", "cluster_per_channel", "stream_per_channel", "fake_reassign", "reassign",
     "LeafAxes", "layer_axes", "rtn_array", "rtn_quantize", "load_sharded", "save_sharded",
-    "shardings_of",
+    "shardings_of", "SparseOutliers",
     # Option values the job and users validate against.
     "ALLOCATIONS", "BUDGET_METHODS", "DEFAULT_CHUNK_VALUES", "DKM_FORMS", "DKM_ON_DEGENERATE",
-    "KMEANS_INITS", "KMEANS_METHODS", "KMEANS_OBJECTIVES", "PRUNE_SCOPES",
+    "KMEANS_INITS", "KMEANS_METHODS", "KMEANS_OBJECTIVES", "PRUNE_SCOPES", "SPARSE_SCOPES",
+    "SPARSE_SCORES",
 ]

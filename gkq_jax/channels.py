@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from gkq_jax import sharding as sharding_lib
-from gkq_jax.clustered import ClusteredArray
+from gkq_jax._outliers import check_sparse, sparse_positions
+from gkq_jax.clustered import ClusteredArray, SparseOutliers
 from gkq_jax.kmeans1d import grouped_kmeans_1d
 
 DEFAULT_CHUNK_VALUES = 1 << 22
@@ -44,7 +45,8 @@ def _as_matrix(name: str, array, what: str, channel_axes: int = 1):
 
 def cluster_per_channel(weight, importance=None, num_clusters: int = 16, *,
                         chunk_values: int = DEFAULT_CHUNK_VALUES, name: str = "weight",
-                        channel_axes: int = 1, **options) -> ClusteredArray:
+                        channel_axes: int = 1, sparse_fraction: float = 0.0,
+                        sparse_by: str = "sensitivity", **options) -> ClusteredArray:
   """One codebook per output channel (the last ``channel_axes`` axes) of ``weight``.
 
   Args:
@@ -57,6 +59,14 @@ def cluster_per_channel(weight, importance=None, num_clusters: int = 16, *,
     chunk_values: about how many values one call clusters (whole channels,
       at least one); bounds the working memory.
     name: the matrix's name, for error messages.
+    sparse_fraction, sparse_by: dense-and-sparse, as
+      :func:`gkq_jax.quantize` takes them (scope: this matrix): that share of
+      the weights, the top by ``h w^2`` (h = 1 without importance) or ``|w|``,
+      is kept exactly in the result's sparse part. Here the kept weights are
+      given zero importance and clipped into their channel's range of the
+      other weights before clustering, so they move no centroid and stretch
+      no histogram (the channels keep their fixed length for the chunks).
+      Unsharded weights, outside ``jax.jit``.
     **options: passed to :func:`gkq_jax.grouped_kmeans_1d` (method, init,
       max_iter, bins, ...). Channels are clustered independently, so the
       result does not depend on ``chunk_values``.
@@ -79,6 +89,9 @@ def cluster_per_channel(weight, importance=None, num_clusters: int = 16, *,
                        f"{jnp.shape(weight)}; they must match.")
   if not 1 <= num_clusters <= 65536:
     raise ValueError(f"{name}: num_clusters must be in 1..65536, got {num_clusters}.")
+  kept = None
+  if check_sparse(sparse_fraction, sparse_by, "matrix", "channel", None) > 0:
+    kept, w, h = _set_aside(name, weight, importance, w, h, sparse_fraction, sparse_by)
   if chunk_values < 1:
     raise ValueError(f"chunk_values must be positive, got {chunk_values}.")
   per_call = int(min(channels, max(1, chunk_values // rows)))
@@ -95,7 +108,27 @@ def cluster_per_channel(weight, importance=None, num_clusters: int = 16, *,
     indices.append(result.assignments.reshape(per_call, rows)[:stop - start].astype(index_dtype))
   codebook = jnp.concatenate(books)
   idx = jnp.concatenate(indices).T.reshape(jnp.shape(weight))
-  return ClusteredArray(codebook, idx)
+  if kept is None or kept.size == 0:
+    return ClusteredArray(codebook, idx)
+  idx = idx.reshape(-1).at[kept].set(0).reshape(idx.shape)  # never read; 0 as quantize
+  return ClusteredArray(codebook, idx, sparse=SparseOutliers(kept, jnp.reshape(weight, -1)[kept]))
+
+
+def _set_aside(name, weight, importance, w, h, fraction, by):
+  """(kept positions, w, h) with the kept weights clipped into their channel's
+  range of the others and given zero importance."""
+  if sharding_lib.named_sharding(weight) is not None:
+    raise ValueError(f"{name} is sharded; dense-and-sparse (sparse_fraction > 0) takes "
+                     "unsharded weights.")
+  [pos] = sparse_positions([name], [weight], [importance], [None], fraction, by, "matrix")
+  kept = jnp.asarray(pos, jnp.int32)
+  mask = jnp.zeros(w.size, bool).at[kept].set(True).reshape(w.shape)
+  lo = jnp.min(jnp.where(mask, jnp.inf, w), axis=0)
+  hi = jnp.max(jnp.where(mask, -jnp.inf, w), axis=0)
+  inside = jnp.where(jnp.isfinite(lo), jnp.clip(w, lo, hi), w)  # a channel all kept: as it is
+  w = jnp.where(mask, inside, w)
+  h = jnp.where(mask, 0.0, jnp.ones(w.shape, jnp.float32) if h is None else h)
+  return kept, w, h
 
 
 def _shard_by_shard(weight, importance, num_clusters, sharding, chunk_values, name,

@@ -22,6 +22,15 @@ rows).
 
 The codebook is float32; ``dtype`` is the dense array's (a bfloat16 kernel
 dequantizes to bfloat16).
+
+Dense-and-sparse (SqueezeLLM): ``sparse``, when set, is a
+:class:`SparseOutliers`, a few weights kept exactly beside the clustered ones
+(``quantize(..., sparse_fraction=...)``). Its ``positions`` index the dense
+array in C order; ``dequantize`` overwrites those positions with ``values``.
+The indices at those positions are never read (quantize gives them 0, the
+file stores them as 0). The overwrite is independent of the layout, so every
+layout dequantizes with a sparse part; quantize makes one for the scalar
+layouts only.
 """
 
 from __future__ import annotations
@@ -59,6 +68,47 @@ def channel_view(shape: tuple, channels: int) -> tuple[int, int]:
 
 
 @flax.struct.dataclass
+class SparseOutliers:
+  """Weights kept exactly beside a :class:`ClusteredArray` (the "sparse" of
+  SqueezeLLM's dense-and-sparse decomposition).
+
+  ``positions``: int32 (n,), flat C-order positions into the dense array,
+  sorted and distinct; ``values``: (n,), their exact values (in the dense
+  array's dtype as :func:`gkq_jax.quantize` makes them; any float dtype is
+  cast to the dense dtype when applied). Positions at or past the array's
+  size are ignored (the padding of a packed stack's layers read under jit).
+  """
+
+  positions: jax.Array
+  values: jax.Array
+
+  @property
+  def count(self) -> int:
+    """How many weights are kept (padding included, where there is any)."""
+    return int(math.prod(self.positions.shape))
+
+  def apply(self, dense: jax.Array) -> jax.Array:
+    """``dense`` with the kept weights written in at their positions (pure, jit-able)."""
+    flat = jnp.reshape(dense, -1).at[jnp.reshape(self.positions, -1)].set(
+        jnp.reshape(self.values, -1).astype(dense.dtype), mode="drop")
+    return flat.reshape(jnp.shape(dense))
+
+  def mask(self, shape) -> jax.Array:
+    """A bool array of ``shape``, True at the kept weights."""
+    size = math.prod(tuple(shape))
+    return jnp.zeros(size, bool).at[jnp.reshape(self.positions, -1)].set(
+        True, mode="drop").reshape(shape)
+
+  def take(self, dense) -> "SparseOutliers":
+    """The same positions with their values read from ``dense`` (kept in this
+    part's value dtype); positions past the end read 0."""
+    flat = jnp.reshape(jnp.asarray(dense), -1)
+    pos = jnp.reshape(self.positions, -1)
+    values = jnp.take(flat, pos, mode="fill", fill_value=0)
+    return self.replace(values=values.astype(self.values.dtype).reshape(self.values.shape))
+
+
+@flax.struct.dataclass
 class ClusteredArray:
   """A weight-shared array; see the module docstring for its layouts."""
 
@@ -71,6 +121,8 @@ class ClusteredArray:
   dtype: np.dtype = flax.struct.field(pytree_node=False, default=np.dtype("float32"))
   # Leading axes that stack layers (nn.scan): each slice has its own codebook rows.
   stacked: int = flax.struct.field(pytree_node=False, default=0)
+  # Weights kept exactly (dense-and-sparse), or None: see the module docstring.
+  sparse: SparseOutliers | None = None
 
   @property
   def shape(self):
@@ -109,7 +161,10 @@ class ClusteredArray:
       fan_in, _ = channel_view(idx.shape, channels)
       view = idx.reshape(groups, fan_in // groups, channels)
       dense = jnp.take_along_axis(book.transpose(0, 2, 1), view, axis=1).reshape(idx.shape)
-    return dense.astype(self.dtype)
+    dense = dense.astype(self.dtype)
+    if self.sparse is not None:  # the kept weights, exactly
+      dense = self.sparse.apply(dense)
+    return dense
 
   def segments(self) -> tuple[jax.Array, int]:
     """Scalar layouts: each weight's cluster as a row of a (groups x k, channels)

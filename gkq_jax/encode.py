@@ -15,6 +15,14 @@ sections | sha256 of everything before it``. Each leaf of the params tree is one
     bytes than the dense leaf (a tiny layer, 256 levels for a few weights per
     channel), the dequantized weights are stored as they are, in the leaf's
     dtype (version 3), so no leaf takes more room than the weights it replaces.
+  * (version 4) a clustered leaf's sparse part (dense-and-sparse: weights kept
+    exactly, :class:`gkq_jax.SparseOutliers`): its positions as gaps
+    (``p[0]``, then ``p[i] - p[i-1] - 1``) in LEB128 varints, its values'
+    bytes in their own dtype (the leaf's, as quantize makes them), entry
+    ``sparse``. The indices at those positions are never read, so they are
+    left out of the coded indices (and come back as 0). A leaf with a sparse
+    part stored dense keeps its positions (the values are in the dense
+    weights), so it loads with the same parts.
 
 Loading gives the same ClusteredArrays back (a leaf stored dense comes back as
 a ClusteredArray of the same layout, its codebook rows the distinct values of
@@ -26,8 +34,8 @@ and int keys (a key may contain '/'), lists, tuples, None, FrozenDicts, nnx
 States and Variables (Param, BatchStat, RNG keys and counts...), so ``load``
 gives back the structure that was saved; other pytree nodes come back as
 dicts. An entry's ``path`` joins its keys with '/', each key with '%' and '/'
-escaped as %25 and %2F. Version 1 files (paths only) and version 2 files
-(float32 tables only) are still read.
+escaped as %25 and %2F. Version 1 files (paths only), version 2 files
+(float32 tables only) and version 3 files (no sparse parts) are still read.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import math
 import pathlib
 import struct
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.core
 import jax
@@ -48,10 +56,10 @@ from flax import nnx
 
 from gkq_jax import _distinct, _vectors, huffman
 from gkq_jax._paths import path_keys
-from gkq_jax.clustered import ClusteredArray, is_clustered
+from gkq_jax.clustered import ClusteredArray, SparseOutliers, is_clustered
 
 MAGIC = b"GKQJAX\0"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 SPARSE_GAP_BITS = range(2, 9)  # the relative index's gap widths tried
 
 
@@ -181,26 +189,117 @@ def _grid(book: np.ndarray):
   return offset, scale
 
 
-def _clustered_costs(leaf) -> tuple:
-  """(codebook bytes, grid or None, index bytes, dense bytes) of a ClusteredArray."""
+def _varint_encode(values: np.ndarray) -> bytes:
+  """Non-negative integers as LEB128 varints (7 bits a byte, high bit: more follow)."""
+  v = np.asarray(values, np.uint64).reshape(-1)
+  if v.size == 0:
+    return b""
+  n = np.ones(v.size, np.int64)
+  rest = v >> np.uint64(7)
+  while rest.any():
+    n += rest > 0
+    rest >>= np.uint64(7)
+  start = np.cumsum(n) - n
+  out = np.zeros(int(n.sum()), np.uint8)
+  for j in range(int(n.max())):
+    at = n > j
+    byte = (v[at] >> np.uint64(7 * j)) & np.uint64(0x7F)
+    more = (n[at] - 1 > j).astype(np.uint64) << np.uint64(7)
+    out[start[at] + j] = (byte | more).astype(np.uint8)
+  return out.tobytes()
+
+
+def _varint_decode(data: bytes, count: int, name: str) -> np.ndarray:
+  b = np.frombuffer(data, np.uint8)
+  last = b < 0x80
+  if int(last.sum()) != count or (b.size and not last[-1]):
+    raise CorruptFileError(f"{name}: the sparse positions do not decode to {count} numbers; "
+                           "write the file again.")
+  if count == 0:
+    return np.zeros(0, np.int64)
+  number = np.concatenate([[0], np.cumsum(last[:-1])]).astype(np.int64)
+  first = np.concatenate([[0], np.flatnonzero(last)[:-1] + 1])
+  shift = (np.arange(b.size) - first[number]).astype(np.uint64) * np.uint64(7)
+  out = np.zeros(count, np.uint64)
+  np.add.at(out, number, (b & 0x7F).astype(np.uint64) << shift)
+  return out.astype(np.int64)
+
+
+def _sparse_host(leaf) -> tuple[np.ndarray, np.ndarray] | None:
+  """(sorted in-range positions, their values) of a leaf's sparse part, or None."""
+  if leaf.sparse is None:
+    return None
+  pos = np.asarray(leaf.sparse.positions).reshape(-1).astype(np.int64)
+  values = np.asarray(leaf.sparse.values).reshape(-1)
+  keep = pos < math.prod(leaf.shape)
+  pos, values = pos[keep], values[keep]
+  order = np.argsort(pos, kind="stable")
+  return pos[order], values[order]
+
+
+def _position_bytes(pos: np.ndarray) -> bytes:
+  return _varint_encode(np.diff(np.concatenate([[-1], pos])) - 1)
+
+
+def _coded_indices(leaf) -> np.ndarray:
+  """The flat indices the file codes: for scalar layouts, those at the sparse
+  part's positions left out (a vector's index serves other weights too)."""
+  idx = np.asarray(leaf.indices).reshape(-1).astype(np.int64)
+  sparse = _sparse_host(leaf)
+  if sparse is None or leaf.vector_shape is not None:
+    return idx
+  return np.delete(idx, sparse[0])
+
+
+class _Costs(NamedTuple):
+  book: int  # codebook bytes
+  grid: Any  # (offset, scale) or None
+  indices: int  # coded index bytes
+  dense: int  # the dense weights' bytes
+  positions: int = 0  # the sparse part's coded positions
+  values: int = 0  # and its values
+
+  @property
+  def clustered(self) -> int:
+    return self.book + self.indices + self.positions + self.values
+
+  def stored(self, dense_ok: bool) -> int:
+    """Bytes of the cheaper of the two forms (dense: the weights, plus the positions)."""
+    if dense_ok and self.dense + self.positions < self.clustered:
+      return self.dense + self.positions
+    return self.clustered
+
+
+def _clustered_costs(leaf) -> _Costs:
+  """What each part of a ClusteredArray takes in the file."""
   book = np.asarray(leaf.codebook, np.float32)
   grid = None if leaf.vector_shape else _grid(book)
   book_bytes = 4 * book.size if grid is None else 8 * grid[0].size
   sparse = leaf.pinned_zero and leaf.vector_shape is None
-  index_bytes = coded_bytes(leaf.indices, leaf.num_clusters, sparse=sparse)
+  index_bytes = coded_bytes(_coded_indices(leaf), leaf.num_clusters, sparse=sparse)
   dense_bytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
-  return book_bytes, grid, index_bytes, dense_bytes
+  kept = _sparse_host(leaf)
+  if kept is None:
+    return _Costs(book_bytes, grid, index_bytes, dense_bytes)
+  return _Costs(book_bytes, grid, index_bytes, dense_bytes, len(_position_bytes(kept[0])),
+                kept[1].nbytes)
+
+
+def _dense_ok(leaf) -> bool:
+  """Whether the leaf may be stored dense (a vector leaf with a sparse part may not:
+  its codebook could not be rebuilt from the weights)."""
+  return leaf.sparse is None or leaf.vector_shape is None
 
 
 def stored_bytes(leaf) -> int:
   """Bytes :func:`save` spends on one leaf: a dense array's bytes; for a
   :class:`ClusteredArray` its codebook (a float32 table, or two float32 per
-  row for uniform grids) plus its coded indices (:func:`coded_bytes`), or the
-  dense weights where those take fewer bytes than that."""
+  row for uniform grids) plus its coded indices (:func:`coded_bytes`) plus
+  its sparse part (coded positions and values), or the dense weights (and
+  the sparse part's positions) where those take fewer bytes than that."""
   if not is_clustered(leaf):
     return int(np.asarray(leaf).nbytes)
-  book_bytes, _, index_bytes, dense_bytes = _clustered_costs(leaf)
-  return int(min(book_bytes + index_bytes, dense_bytes))
+  return int(_clustered_costs(leaf).stored(_dense_ok(leaf)))
 
 
 def _escape(key) -> str:
@@ -268,15 +367,23 @@ def _leaf_entry(name: str, leaf, sections: _Sections) -> dict:
         "vector_shape": list(leaf.vector_shape) if leaf.vector_shape else None,
         "vector_axis": int(leaf.vector_axis),
         "pinned_zero": bool(leaf.pinned_zero), "dtype": np.dtype(leaf.dtype).name}
-    book_bytes, grid, index_bytes, dense_bytes = _clustered_costs(leaf)
-    if book_bytes + index_bytes > dense_bytes:  # the codebook costs more than it saves
+    costs = _clustered_costs(leaf)
+    kept = _sparse_host(leaf)
+    if kept is not None:
+      entry["sparse"] = {"count": int(kept[0].size),
+                         "positions": sections.add(_position_bytes(kept[0]))}
+      idx = _coded_indices(leaf)
+    if costs.stored(_dense_ok(leaf)) < costs.clustered:  # the codebook costs more than it saves
       dense = np.asarray(leaf.dequantize())
       return {**entry, "dense": sections.add(dense.tobytes())}
-    if grid is None:
+    if kept is not None:
+      entry["sparse"].update({"dtype": kept[1].dtype.name,
+                              "values": sections.add(kept[1].tobytes())})
+    if costs.grid is None:
       entry["codebook"] = sections.add(book.tobytes())
     else:
-      entry["grid"] = {"offset": sections.add(grid[0].astype("<f4").tobytes()),
-                       "scale": sections.add(grid[1].astype("<f4").tobytes())}
+      entry["grid"] = {"offset": sections.add(costs.grid[0].astype("<f4").tobytes()),
+                       "scale": sections.add(costs.grid[1].astype("<f4").tobytes())}
     return {**entry, "indices": _encode_indices(
         idx, leaf.num_clusters, leaf.pinned_zero and leaf.vector_shape is None, sections)}
   entry = {"path": name, "kind": "raw"}
@@ -299,7 +406,8 @@ def save(path, tree: Any) -> tuple[int, dict]:
   inside a key escaped as %2F), the bytes its sections take (as
   :func:`stored_bytes` computes them) and how its indices were coded ("raw"
   for a clustered leaf stored dense); a clustered leaf's entry also says how
-  its codebook was stored ("table", "grid" or "none (dense)"). Raises before
+  its codebook was stored ("table", "grid" or "none (dense)") and, with a
+  sparse part, how many weights that keeps exactly ("sparse"). Raises before
   writing anything if the tree has a key that is neither str nor int, or two
   keys that differ only in type.
   """
@@ -318,6 +426,8 @@ def save(path, tree: Any) -> tuple[int, dict]:
     if entries[-1]["kind"] == "clustered":
       sizes[name]["codebook"] = ("grid" if "grid" in entries[-1] else
                                  "table" if "codebook" in entries[-1] else "none (dense)")
+      if "sparse" in entries[-1]:
+        sizes[name]["sparse"] = entries[-1]["sparse"]["count"]
   header = zlib.compress(json.dumps({"entries": entries, "tree": spec},
                                     separators=(",", ":")).encode(), 9)
   body = (MAGIC + struct.pack("<HI", FORMAT_VERSION, len(header)) + header
@@ -395,8 +505,24 @@ def _leaf_from_entry(entry: dict, section):
   layout = dict(vector_shape=vector, pinned_zero=entry["pinned_zero"],
                 vector_axis=entry.get("vector_axis", 0),
                 dtype=np.dtype(entry.get("dtype", "float32")), stacked=int(entry.get("stacked", 0)))
+  n = int(np.prod(entry["index_shape"]))
+  kept = None
+  if "sparse" in entry:  # version 4
+    spec = entry["sparse"]
+    gaps = _varint_decode(section(spec["positions"]), spec["count"], entry["path"])
+    pos = np.cumsum(gaps + 1) - 1
+    size = n * (math.prod(vector) if vector else 1)  # the dense weight's
+    if pos.size and pos[-1] >= size:
+      raise CorruptFileError(f"{entry['path']}: a sparse position lies outside the {size} "
+                             "weights; write the file again.")
+    kept = pos
   if "dense" in entry:
-    return _from_dense(entry, np.frombuffer(section(entry["dense"]), layout["dtype"]), layout)
+    dense = np.frombuffer(section(entry["dense"]), layout["dtype"])
+    leaf = _from_dense(entry, dense, layout, kept)
+    if kept is None:
+      return leaf
+    return leaf.replace(sparse=SparseOutliers(jax.numpy.asarray(kept, np.int32),
+                                              jax.numpy.asarray(dense[kept])))
   shape = entry["codebook_shape"]
   if "grid" in entry:
     offset = np.frombuffer(section(entry["grid"]["offset"]), "<f4")
@@ -404,17 +530,31 @@ def _leaf_from_entry(entry: dict, section):
     book = _grid_values(offset, scale, shape[-1]).reshape(shape)
   else:
     book = np.frombuffer(section(entry["codebook"]), np.float32).reshape(shape)
-  n = int(np.prod(entry["index_shape"]))
-  idx = _decode_indices(entry["indices"], n, section)
+  sparse = None
+  if kept is None or vector:
+    idx = _decode_indices(entry["indices"], n, section)
+  else:
+    idx = np.zeros(n, np.int64)
+    coded = np.ones(n, bool)
+    coded[kept] = False
+    idx[coded] = _decode_indices(entry["indices"], n - kept.size, section)
+  if kept is not None:
+    values = np.frombuffer(section(entry["sparse"]["values"]), entry["sparse"]["dtype"])
+    if values.size != kept.size:
+      raise CorruptFileError(f"{entry['path']}: {values.size} sparse values for {kept.size} "
+                             "positions; write the file again.")
+    sparse = SparseOutliers(jax.numpy.asarray(kept, np.int32), jax.numpy.asarray(values))
   return ClusteredArray(jax.numpy.asarray(book),
                         jax.numpy.asarray(idx.astype(entry["index_dtype"]).reshape(
-                            entry["index_shape"])), **layout)
+                            entry["index_shape"])), **layout, sparse=sparse)
 
 
-def _from_dense(entry: dict, dense: np.ndarray, layout: dict) -> ClusteredArray:
+def _from_dense(entry: dict, dense: np.ndarray, layout: dict, kept=None) -> ClusteredArray:
   """The ClusteredArray of a leaf stored dense: each codebook row holds the distinct
   values (by their bits) of the weights it serves, sorted, padded with the last;
-  a pinned zero stays at index 0. It dequantizes to ``dense`` bit for bit."""
+  a pinned zero stays at index 0. It dequantizes to ``dense`` bit for bit.
+  Positions ``kept`` (a sparse part's, scalar layouts) are left out of the
+  codebooks and get index 0; the caller adds the sparse part."""
   shape, index_shape = entry["codebook_shape"], tuple(entry["index_shape"])
   x = jax.numpy.asarray(dense.astype(np.float32))
   if layout["vector_shape"] is not None:
@@ -431,6 +571,12 @@ def _from_dense(entry: dict, dense: np.ndarray, layout: dict) -> ClusteredArray:
     seg = ClusteredArray(np.zeros(shape, np.float32), np.zeros(index_shape, np.int32),
                          **layout).codebook_rows().reshape(-1)
     n = seg.size
+    x = x.reshape(-1)
+    if kept is not None:  # only the clustered weights make the codebooks
+      free = np.ones(n, bool)
+      free[kept] = False
+      free = np.flatnonzero(free)
+      x, seg = x[free], seg[free]
     if layout["pinned_zero"]:  # a 0 in every row, so that it takes index 0
       x = jax.numpy.concatenate([x.reshape(-1), jax.numpy.zeros(rows, np.float32)])
       seg = jax.numpy.concatenate([seg, jax.numpy.arange(rows, dtype=np.int32)])
@@ -439,7 +585,13 @@ def _from_dense(entry: dict, dense: np.ndarray, layout: dict) -> ClusteredArray:
     if int(np.max(count)) > shape[-1]:
       raise CorruptFileError(f"{entry['path']}: {int(np.max(count))} distinct values stored "
                              f"dense for a codebook row of {shape[-1]}; write the file again.")
-    book, idx = np.asarray(book).reshape(shape), np.asarray(idx)[:n]
+    book, idx = np.asarray(book).reshape(shape), np.asarray(idx)
+    if kept is None:
+      idx = idx[:n]
+    else:
+      full = np.zeros(n, np.int64)
+      full[free] = idx[:free.size]
+      idx = full
   return ClusteredArray(jax.numpy.asarray(book), jax.numpy.asarray(
       np.asarray(idx).astype(entry["index_dtype"]).reshape(index_shape)), **layout)
 

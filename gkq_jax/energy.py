@@ -25,6 +25,8 @@ The model (Deep k-Means' energy metrics, with Horowitz's ISSCC 2014 45 nm costs)
 * Zeros (pruning, a pinned zero centroid): with ``skip_zeros`` a leaf's MACs
   scale with its density, and it is stored sparse (value or index bits plus
   ``sparse_index_bits`` of relative position per non-zero) when that is smaller.
+  A clustered leaf's sparse part (dense-and-sparse outliers) is read as its
+  values' bits plus ``sparse_index_bits`` each.
 * Activations: the activation operand(s) of every MAC op are read and its
   output written once, at ``activation_bits`` per element. Element-wise ops,
   pooling and normalisation are assumed fused (not charged).
@@ -109,6 +111,9 @@ def _storage(leaf, skip_zeros: bool, sparse_index_bits: int, stored_bytes):
     bits = _index_bits(leaf.num_clusters)
     book_bits = 32 * int(np.asarray(leaf.codebook).size)
     n_indices = int(np.asarray(leaf.indices).size)
+    if leaf.sparse is not None:  # weights kept exactly: value and relative position each
+      values = np.asarray(leaf.sparse.values)
+      book_bits += values.size * (8 * values.dtype.itemsize + sparse_index_bits)
   else:
     dense = np.asarray(leaf)
     bits = 8 * dense.dtype.itemsize

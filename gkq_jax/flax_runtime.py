@@ -26,6 +26,14 @@ packed weights when they were quantized with their stacked axis as layers
 each step its own layer's bytes and codebook, and the step dequantizes only
 that slice.
 
+Dense-and-sparse weights (a sparse part of weights kept exactly, from
+``quantize(..., sparse_fraction=...)``): the XLA path dequantizes the weight
+with its sparse part written in (as :func:`gkq_jax.dequantize`), so the
+outputs are the dense dequantized model's; the LUT route multiplies the
+clustered weight in the kernel and adds the kept weights as a sparse
+correction (:func:`gkq_jax.lut_matmul`). A stack's part is split by layer
+with its bytes.
+
 Limits, each a clear error or a named fallback: a module that reads a packed
 weight as an array in some other way (``.T``, ``@``, ...) gets the dense
 weight there, with a warning naming it; a packed weight split by ``nn.scan`` /

@@ -20,6 +20,12 @@ after the call. Shapes the kernel takes: ceil(R / 8) a multiple of 16 (e.g. R a
 multiple of 128), N a multiple of 16, 1 to 4 bits, a codebook per layer, per channel or
 per group of channels; :func:`lut_unsupported` says why anything else is not.
 
+Dense-and-sparse weights (a PackedArray with a ``sparse`` part): the kernel
+multiplies the clustered weight as it is, and the kept weights are added as a
+sparse correction, ``x[:, r] * (value - looked-up value)`` into column n for
+each kept weight (r, n), in float32 before the result is cast, so the product
+is ``x @ dequantize(w)`` as the dense path computes it (to rounding).
+
 Runs compiled on a GPU (Triton lowering) and in Pallas interpret mode on CPU,
 where it is slow and serves tests; the CPU forward uses the XLA path instead
 (:mod:`gkq_jax.flax_runtime`).
@@ -71,7 +77,26 @@ def _dense(w: packing.PackedArray) -> jax.Array:
   groups, n = w.codebook.shape[0], w.index_shape[-1]
   if groups in (1, n):
     return w.dequantize()
-  return w.codebook[(jnp.arange(n) // (n // groups))[None, :], idx]
+  dense = w.codebook[(jnp.arange(n) // (n // groups))[None, :], idx]
+  return dense if w.sparse is None else w.sparse.apply(dense)
+
+
+def _sparse_correction(x, w: packing.PackedArray) -> jax.Array:
+  """(M, N) float32: what the kept weights add to x @ (the clustered weight),
+  x (M, R) in the dtype the kernel computes in."""
+  rows, n = w.index_shape
+  pos = jnp.reshape(w.sparse.positions, -1).astype(jnp.int32)
+  valid = pos < rows * n
+  pos = jnp.where(valid, pos, 0)
+  r, c = pos // n, pos % n
+  idx = packing.indices_at(w, r, c).astype(jnp.int32)
+  groups = w.codebook.shape[0]
+  looked_up = w.codebook[c // (n // groups), idx]
+  kept = jnp.reshape(w.sparse.values, -1)
+  as_x = lambda v: v.astype(x.dtype).astype(jnp.float32)  # noqa: E731
+  delta = jnp.where(valid, as_x(kept) - as_x(looked_up), 0.0)
+  return jnp.zeros((x.shape[0], n), jnp.float32).at[:, c].add(
+      x[:, r].astype(jnp.float32) * delta[None, :])
 
 
 def lut_matmul_reference(x, w: packing.PackedArray) -> jax.Array:
@@ -160,13 +185,15 @@ def _lut_matmul(x, codebook, packed, *, bits, rows, block_n, block_words, splits
       interpret=interpret,
       name="gkq_lut_matmul",
   )(x3, packed, book)
-  return partial.sum(axis=0)[:m].astype(x.dtype)
+  return partial.sum(axis=0)[:m]  # float32
 
 
 def lut_matmul(x, w: packing.PackedArray, *, interpret: bool | None = None,
                block_n: int | None = None, block_words: int | None = None,
                splits: int | None = None, lookup: str = "select") -> jax.Array:
-  """``x @ dequantize(w)`` read from ``w``'s packed bytes (float32 accumulation).
+  """``x @ dequantize(w)`` read from ``w``'s packed bytes (float32 accumulation;
+  a sparse part of kept weights is added as a sparse correction, see the
+  module docstring).
 
   Args:
     x: (..., R) bfloat16 or float32; the result has x's dtype and shape (..., N).
@@ -209,7 +236,10 @@ def lut_matmul(x, w: packing.PackedArray, *, interpret: bool | None = None,
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   lead = x.shape[:-1]
-  y = _lut_matmul(x.reshape(-1, rows), w.codebook, w.packed, bits=w.bits, rows=rows,
+  x2 = x.reshape(-1, rows)
+  y = _lut_matmul(x2, w.codebook, w.packed, bits=w.bits, rows=rows,
                   block_n=block_n, block_words=block_words, splits=splits, lookup=lookup,
                   interpret=bool(interpret))
-  return y.reshape(lead + (n,))
+  if w.sparse is not None:
+    y = y + _sparse_correction(x2, w)
+  return y.astype(x.dtype).reshape(lead + (n,))

@@ -22,6 +22,15 @@ word, G, N), the codebook (*stack, ...) with each layer's own codebook, and
 ``lax.scan`` does to the variables of a scanned layer) gives the PackedArray
 of one layer, which is why the stack's depth is read off the arrays rather
 than stored.
+
+Dense-and-sparse. A ClusteredArray's sparse part (:class:`SparseOutliers`,
+weights kept exactly) travels as the PackedArray's ``sparse``; dequantizing
+writes those weights over the looked-up ones, so the packed model computes
+what the dense dequantized one does (:func:`gkq_jax.lut_matmul` adds them as a
+sparse correction to its product instead). A stack's part is laid out layer by
+layer, like its bytes: positions within the layer, (*stack, n) with n the most
+any layer keeps, the shorter layers padded with the position one past the
+layer's end (ignored), so slicing the leading axis gives one layer's part.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import numpy as np
 
 from gkq_jax._clustering import is_traced
 from gkq_jax._paths import map_with_paths
-from gkq_jax.clustered import ClusteredArray, channel_view, is_clustered
+from gkq_jax.clustered import ClusteredArray, SparseOutliers, channel_view, is_clustered
 
 MAX_BITS = 16
 _SLABS = 8  # indices per word at 1..4 bits
@@ -136,13 +145,29 @@ def _unpack(packed, bits, shape, dtype):
   return values.reshape(shape).astype(dtype)
 
 
+def indices_at(packed: "PackedArray", rows, columns) -> jax.Array:
+  """The indices at (row, column) of a one-layer PackedArray's packed matrix
+  (for a 2-D weight: its own rows and columns), read straight from the bytes
+  (uint32; pure and jit-able). For a few entries, without unpacking the rest."""
+  matrix = _matrix_shape(packed.index_shape, packed.codebook, packed.vector_shape)
+  lay = _layout(matrix, packed.bits)
+  rows = jnp.asarray(rows, jnp.int32)
+  columns = jnp.asarray(columns, jnp.int32)
+  slab, word_row = rows // lay.words, rows % lay.words
+  word = jnp.zeros(rows.shape, jnp.uint32)
+  for b in range(lay.word_bytes):
+    word = word | (packed.packed[b, word_row, columns].astype(jnp.uint32) << (8 * b))
+  shift = (slab * lay.field).astype(jnp.uint32)
+  return (word >> shift) & jnp.uint32(2 ** packed.bits - 1)
+
+
 def _static_fields() -> tuple[str, ...]:
   """ClusteredArray's metadata fields (not pytree children), carried through packing as they
   are; ``stacked`` is read off the packed arrays instead (see the module docstring)."""
   fields = dataclasses.fields(ClusteredArray)
   children = tuple(f.name for f in fields if f.metadata.get("pytree_node", True))
-  if children != ("codebook", "indices"):
-    raise TypeError(f"packing knows ClusteredArray(codebook, indices), found {children}.")
+  if children != ("codebook", "indices", "sparse"):
+    raise TypeError(f"packing knows ClusteredArray(codebook, indices, sparse), found {children}.")
   return tuple(f.name for f in fields
                if not f.metadata.get("pytree_node", True) and f.name != "stacked")
 
@@ -153,8 +178,9 @@ class PackedArray:
 
   ``codebook`` is the ClusteredArray's, ``packed`` the uint8 bytes laid out as
   the module docstring says, ``index_shape`` the shape of the indices (of one
-  layer, for a stack) and ``clustered`` the ClusteredArray's metadata fields
-  as (name, value) pairs.
+  layer, for a stack), ``clustered`` the ClusteredArray's metadata fields
+  as (name, value) pairs and ``sparse`` its weights kept exactly (None: none;
+  laid out as the module docstring says).
   """
 
   codebook: jax.Array
@@ -162,6 +188,7 @@ class PackedArray:
   index_shape: tuple = flax.struct.field(pytree_node=False)
   bits: int = flax.struct.field(pytree_node=False)
   clustered: tuple = flax.struct.field(pytree_node=False, default=())
+  sparse: SparseOutliers | None = None
 
   @property
   def num_clusters(self) -> int:
@@ -190,8 +217,13 @@ class PackedArray:
 
   @property
   def nbytes(self) -> int:
-    """Bytes of the codebook and the packed indices."""
-    return int(self.codebook.size * self.codebook.dtype.itemsize + self.packed.size)
+    """Bytes of the codebook, the packed indices and the sparse part (int32
+    positions and their values)."""
+    sparse = 0
+    if self.sparse is not None:
+      sparse = self.sparse.positions.size * 4 + self.sparse.values.size * \
+          self.sparse.values.dtype.itemsize
+    return int(self.codebook.size * self.codebook.dtype.itemsize + self.packed.size + sparse)
 
   def indices(self) -> jax.Array:
     dtype = jnp.uint8 if self.num_clusters <= 256 else jnp.uint16
@@ -205,13 +237,58 @@ class PackedArray:
     return jax.vmap(one)(layers).reshape(lead + tuple(self.index_shape))
 
   def to_clustered(self) -> ClusteredArray:
+    """The ClusteredArray (a stack's sparse part back to positions in the whole
+    array; under jit its padding stays, at the array's size, and is ignored)."""
     book = self.codebook
+    sparse = self.sparse
     if self.stacked:  # (*stack, [R,] C, k) -> (layers x R, C, k)
       book = book.reshape((-1,) + book.shape[-2:])
-    return ClusteredArray(book, self.indices(), **dict(self.clustered), stacked=self.stacked)
+      if sparse is not None:
+        sparse = _sparse_from_layers(sparse, math.prod(self.index_shape),
+                                     math.prod(self.shape))
+    return ClusteredArray(book, self.indices(), **dict(self.clustered), stacked=self.stacked,
+                          sparse=sparse)
 
   def dequantize(self) -> jax.Array:
     return self.to_clustered().dequantize()
+
+
+def _sparse_to_layers(sparse: SparseOutliers, lead: tuple, layer_size: int, name: str):
+  """A stack's sparse part as (*lead, n) positions within each layer (padded
+  with ``layer_size``) and their values; see the module docstring."""
+  if is_traced(sparse.positions, sparse.values):
+    raise ValueError(f"{name}: a stacked leaf with a sparse part is packed layer by layer on "
+                     "the host; call pack / pack_tree outside jax.jit.")
+  layers = math.prod(lead)
+  pos = np.asarray(sparse.positions).reshape(-1).astype(np.int64)
+  values = np.asarray(sparse.values).reshape(-1)
+  keep = pos < layers * layer_size
+  pos, values = pos[keep], values[keep]
+  order = np.argsort(pos, kind="stable")
+  pos, values = pos[order], values[order]
+  layer = pos // layer_size
+  counts = np.bincount(layer, minlength=layers)
+  width = int(counts.max(initial=0))
+  local = np.full((layers, width), layer_size, np.int32)
+  kept = np.zeros((layers, width), values.dtype)
+  rank = np.arange(pos.size) - (np.cumsum(counts) - counts)[layer]
+  local[layer, rank] = pos - layer * layer_size
+  kept[layer, rank] = values
+  return SparseOutliers(jnp.asarray(local.reshape(lead + (width,))),
+                        jnp.asarray(kept.reshape(lead + (width,))))
+
+
+def _sparse_from_layers(sparse: SparseOutliers, layer_size: int, total: int) -> SparseOutliers:
+  """Inverse of :func:`_sparse_to_layers`: positions in the whole stacked array."""
+  width = sparse.positions.shape[-1]
+  local = jnp.asarray(sparse.positions, jnp.int32).reshape(-1, width)
+  layer = jnp.arange(local.shape[0], dtype=jnp.int32)[:, None]
+  pos = jnp.where(local < layer_size, local + layer * layer_size, total).reshape(-1)
+  values = jnp.reshape(sparse.values, -1)
+  if not is_traced(pos, values):  # the padding left out
+    keep = np.asarray(pos) < total
+    pos, values = pos[keep], values[keep]
+  return SparseOutliers(pos.astype(jnp.int32), values)
 
 
 def _matrix_shape(index_shape, codebook, vector_shape) -> tuple:
@@ -250,13 +327,17 @@ def pack(clustered: ClusteredArray, bits: int | None = None, *, name: str = "arr
   if not clustered.stacked:
     matrix = _matrix_shape(indices.shape, clustered.codebook, clustered.vector_shape)
     return PackedArray(clustered.codebook, pack_indices(indices.reshape(matrix), bits),
-                       tuple(indices.shape), bits, meta)
+                       tuple(indices.shape), bits, meta, sparse=clustered.sparse)
   lead, one = indices.shape[:clustered.stacked], indices.shape[clustered.stacked:]
   book = clustered.layer_codebooks()
   matrix = _matrix_shape(one, book, None)
   _check_indices(indices, bits)
   packed = jax.vmap(lambda i: _pack(i.reshape(matrix), bits))(indices.reshape((-1,) + one))
-  return PackedArray(book, packed.reshape(lead + packed.shape[1:]), tuple(one), bits, meta)
+  sparse = clustered.sparse
+  if sparse is not None:
+    sparse = _sparse_to_layers(sparse, tuple(lead), math.prod(one), name)
+  return PackedArray(book, packed.reshape(lead + packed.shape[1:]), tuple(one), bits, meta,
+                     sparse=sparse)
 
 
 def unpack(packed: PackedArray) -> ClusteredArray:

@@ -31,6 +31,15 @@ would be; the other granularities refuse stacked leaves.
     per layer with its rule's K, per-coordinate importance.
   "vector" and "row" apply to conv kernels only (ndim >= 3): a Dense kernel is
   an error, so give them rules that match conv kernels.
+
+Dense-and-sparse (SqueezeLLM): with ``sparse_fraction`` > 0 the highest-scoring
+weights (by sensitivity ``h w^2`` or magnitude ``|w|``), that fraction of each
+clustered leaf or of all of them together, are kept exactly in the leaf's
+sparse part (:class:`gkq_jax.SparseOutliers`) and take no part in the
+clustering: the codebooks are fitted to the other weights only (removed from
+the values clustered, as pruned weights are, but with no pinned zero), so an
+outlier no longer drags a centroid. Scalar granularities ("layer",
+"channel" with or without ``group_size``, "model", "combined").
 """
 
 from __future__ import annotations
@@ -52,9 +61,10 @@ from gkq_jax._clustering import (
   is_traced,
   warn_unweighted,
 )
+from gkq_jax._outliers import check_sparse, sparse_positions
 from gkq_jax._paths import named_leaves
 from gkq_jax.axes import LeafAxes, axes_for
-from gkq_jax.clustered import ClusteredArray, index_dtype
+from gkq_jax.clustered import ClusteredArray, SparseOutliers, index_dtype
 from gkq_jax.kmeans1d import grouped_kmeans_1d
 from gkq_jax.kmeans_vectors import kmeans_vectors
 
@@ -73,7 +83,8 @@ def quantize(params: Any, importance: Any = None,
              granularity: str = "layer", budget: int | None = None, key=None,
              masks: Any = None, budget_bytes: float | None = None,
              group_size: int | None = None, axes: Mapping[str, LeafAxes] | None = None,
-             **cluster_options) -> Any:
+             sparse_fraction: float = 0.0, sparse_by: str = "sensitivity",
+             sparse_scope: str = "matrix", **cluster_options) -> Any:
   """Clusters the selected leaves of ``params``.
 
   Args:
@@ -110,6 +121,23 @@ def quantize(params: Any, importance: Any = None,
       channels and which leading axes stack layers (a rule's
       ``channel_axes`` / ``stacked_axes`` override it). Paths match the end of
       this tree's paths. Default: the last axis, no stack.
+    sparse_fraction: in [0, 1): the share of the clustered weights kept
+      exactly (dense-and-sparse; 0, the default: none). Each clustered leaf
+      that keeps any then has a ``sparse`` part
+      (:class:`gkq_jax.SparseOutliers`: sorted flat positions and the
+      weights' values in the leaf's dtype), its indices there are 0, and its
+      codebooks are fitted to the other weights only.
+      Pruned weights (``masks``) are never kept. Needs concrete weights (not
+      under ``jax.jit``), a scalar granularity, no ``budget_bytes`` and
+      unsharded leaves.
+    sparse_by: the score that picks them: "sensitivity", ``h * w**2`` with h
+      the importance (SqueezeLLM's sensitivity-based outliers; with no
+      importance, or a ``None`` leaf of it, h = 1, so it falls back to
+      magnitude), or "magnitude", ``|w|``.
+    sparse_scope: "matrix": ``round(sparse_fraction * size)`` weights of each
+      clustered leaf (a stack of layers counts as one leaf); "global": that
+      fraction of all clustered weights together, the top scores of all
+      leaves (so a leaf with large scores keeps more).
     **cluster_options: passed to :func:`gkq_jax.grouped_kmeans_1d` (method,
       init, objective, max_iter, tol, bins, ...) or, for "vector", to
       :func:`gkq_jax.kmeans_vectors` (init, max_iter, tol).
@@ -124,6 +152,8 @@ def quantize(params: Any, importance: Any = None,
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity={granularity!r} is not one of {GRANULARITIES}.")
   _check_group_size(group_size, granularity)
+  sparse_fraction = check_sparse(sparse_fraction, sparse_by, sparse_scope, granularity,
+                                  budget_bytes)
   if budget_bytes is not None:
     if granularity != "layer":
       raise ValueError(f"budget_bytes allocates one codebook per layer; got "
@@ -164,6 +194,16 @@ def quantize(params: Any, importance: Any = None,
   key = jax.random.PRNGKey(0) if key is None else key
   out = list(leaves)
   split = _channel_split_leaves(granularity, chosen, paths, leaves, masks, layouts)
+  kept = {}
+  if sparse_fraction > 0:
+    if split:
+      raise ValueError(f"{paths[split[0]]} is sharded over devices; dense-and-sparse "
+                       "(sparse_fraction > 0) needs unsharded weights: pass it unsharded or "
+                       "use sparse_fraction=0.")
+    kept = sparse_positions([paths[i] for i in chosen], [leaves[i] for i in chosen],
+                            [imps[i] for i in chosen], [masks[i] for i in chosen],
+                            sparse_fraction, sparse_by, sparse_scope)
+    kept = dict(zip(chosen, kept))
   for i in split:
     out[i] = _cluster_channels_shard_by_shard(paths[i], leaves[i], imps[i], ks[i], key,
                                               cluster_options, group_size, layouts[i])
@@ -176,10 +216,14 @@ def quantize(params: Any, importance: Any = None,
     for i, clustered in zip(here, _cluster_scalars(
         [leaves[i] for i in here], [imps[i] for i in here], [ks[i] for i in here],
         [masks[i] for i in here], [paths[i] for i in here], granularity, budget, key,
-        cluster_options, group_size, [layouts[i] for i in here])):
+        cluster_options, group_size, [layouts[i] for i in here],
+        [kept.get(i) for i in here])):
       out[i] = clustered
   for i in chosen:  # the codebook stays float32; dequantize gives the leaf's dtype back
     out[i] = out[i].replace(dtype=np.dtype(jnp.result_type(leaves[i])))
+    if i in kept and kept[i].size:  # a leaf that keeps none has no sparse part
+      pos = jnp.asarray(kept[i], jnp.int32)
+      out[i] = out[i].replace(sparse=SparseOutliers(pos, jnp.reshape(leaves[i], -1)[pos]))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -260,10 +304,11 @@ def _check_group_divides(path, shape, group_size, layout: LeafAxes) -> None:
                      "this leaf out of the rules.")
 
 
-def _scalar_layout(shape, mask, granularity, group_size=None, layout=LeafAxes()):
+def _scalar_layout(shape, mask, granularity, group_size=None, layout=LeafAxes(), kept=None):
   """Positions (into the flat dense leaf) to cluster, grouped row after row,
   the size of each row (one row per codebook) and the codebook's shape
-  prefix: (C,) or (R, C) for R = layers x row groups > 1."""
+  prefix: (C,) or (R, C) for R = layers x row groups > 1. Pruned weights
+  (``mask`` False) and those ``kept`` exactly (flat positions) are left out."""
   layers, fan_in, channels = _matrix(shape, layout, granularity)
   per_layer = fan_in // group_size if group_size is not None else 1
   size = int(np.prod(shape))
@@ -271,23 +316,28 @@ def _scalar_layout(shape, mask, granularity, group_size=None, layout=LeafAxes())
   order = np.arange(size).reshape(layers, per_layer, fan_in // per_layer, channels)
   order = order.transpose(0, 1, 3, 2).reshape(layers * per_layer * channels, -1)
   book = (channels,) if layers * per_layer == 1 else (layers * per_layer, channels)
-  if mask is None:
+  if mask is None and kept is None:
     return order.reshape(-1), [order.shape[1]] * order.shape[0], book
-  keep = np.asarray(mask).reshape(-1)[order]
+  keep = np.ones(size, bool) if mask is None else np.array(mask, bool).reshape(-1)
+  if kept is not None:
+    keep[kept] = False
+  keep = keep[order]
   return order[keep], keep.sum(axis=1).tolist(), book
 
 
 def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, options,
-                     group_size=None, leaf_axes=None):
+                     group_size=None, leaf_axes=None, kept=None):
   arrays = [jnp.asarray(x, jnp.float32) for x in leaves]
   pinned = [m is not None and not bool(np.all(np.asarray(m))) for m in masks]
   leaf_axes = leaf_axes or [LeafAxes()] * len(arrays)
-  layouts = [_scalar_layout(a.shape, m if p else None, granularity, group_size, lay)
-             for a, m, p, lay in zip(arrays, masks, pinned, leaf_axes)]
-  for path, (_, rows, _) in zip(paths, layouts):
+  kept = kept or [None] * len(arrays)
+  layouts = [_scalar_layout(a.shape, m if p else None, granularity, group_size, lay, s)
+             for a, m, p, lay, s in zip(arrays, masks, pinned, leaf_axes, kept)]
+  for path, (_, rows, _), s in zip(paths, layouts, kept):
     if min(rows) == 0:
-      raise ValueError(f"{path}: every weight of a codebook group is pruned; prune less or "
-                       "use granularity='layer'.")
+      why = "pruned" if s is None else "pruned or kept exactly (sparse_fraction)"
+      raise ValueError(f"{path}: every weight of a codebook group is {why}; prune less"
+                       f"{'' if s is None else ' or keep fewer'} or use granularity='layer'.")
   # A pinned zero takes one of the k slots.
   own_k = [k - 1 if p else k for k, p in zip(ks, pinned)]
   if granularity == "combined":

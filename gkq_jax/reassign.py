@@ -21,7 +21,11 @@ entries are never chosen under a price (ECSQ's dead clusters stay dead).
 new members; alternated with training, it is the codebook's refresh.
 
 Scalar codebooks only (per layer, per channel, per grouped channel); a
-pinned zero stays an exact zero, and weights a mask prunes stay on it.
+pinned zero stays an exact zero, and weights a mask prunes stay on it. A
+leaf's sparse part (dense-and-sparse: weights kept exactly) stays where it is:
+those weights keep index 0, count in no entry's share or mean, pass through
+:func:`fake_reassign` as they are, and :func:`reassign` reads their values
+from ``params``.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ def _assign(leaf: ClusteredArray, w, h, keep, price):
   book = jnp.asarray(leaf.codebook, jnp.float32).reshape(-1, k)
   rows = leaf.codebook_rows().reshape(-1)
   old = leaf.indices.reshape(-1).astype(jnp.int32)
-  counts = jax.ops.segment_sum(jnp.ones(old.size, jnp.float32), rows * k + old,
+  clustered = _clustered(leaf)
+  counts = jax.ops.segment_sum(clustered.astype(jnp.float32), rows * k + old,
                                book.size).reshape(book.shape)
   share = counts / jnp.maximum(counts.sum(axis=1, keepdims=True), 1.0)
   bits = jnp.where(counts > 0, -jnp.log2(jnp.maximum(share, 1e-30)), _EMPTY_BITS)
@@ -85,7 +90,15 @@ def _assign(leaf: ClusteredArray, w, h, keep, price):
   _, idx = jax.lax.fori_loop(1, k, better, (cost(0), jnp.zeros(w.shape, jnp.int32)))
   if keep is not None:
     idx = jnp.where(keep, idx, 0)
-  return idx, rows
+  return jnp.where(clustered, idx, 0), rows
+
+
+def _clustered(leaf: ClusteredArray) -> jax.Array:
+  """(size,) bool: False where the leaf keeps a weight exactly (its sparse part)."""
+  size = leaf.indices.size
+  if leaf.sparse is None:
+    return jnp.ones(size, bool)
+  return ~leaf.sparse.mask((size,))
 
 
 def _by_key(tree) -> dict:
@@ -154,14 +167,16 @@ def reassign(params: Any, quantized: Any, importance: Any = None, *,
     idx, rows = _assign(leaf, w, h, keep, price)
     k = leaf.codebook.shape[-1]
     seg, n = rows * k + idx, leaf.codebook.size
+    h = jnp.where(_clustered(leaf), h, 0.0)  # the kept weights are in no entry
     mass = jax.ops.segment_sum(h, seg, n)
     mean = jax.ops.segment_sum(h * w, seg, n) / jnp.where(mass > 0, mass, 1.0)
     old = jnp.asarray(leaf.codebook, jnp.float32).reshape(-1)
     book = jnp.where(mass > 0, mean, old)
     if leaf.pinned_zero:
       book = book.at[::k].set(0.0)
-    return leaf.replace(codebook=book.reshape(leaf.codebook.shape).astype(leaf.codebook.dtype),
-                        indices=idx.reshape(leaf.indices.shape).astype(leaf.indices.dtype))
+    out = leaf.replace(codebook=book.reshape(leaf.codebook.shape).astype(leaf.codebook.dtype),
+                       indices=idx.reshape(leaf.indices.shape).astype(leaf.indices.dtype))
+    return out if leaf.sparse is None else out.replace(sparse=leaf.sparse.take(w))
 
   new = _per_leaf(refit, params, quantized, importance, prices, masks)
   return _replace_by_key(quantized, new, is_leaf=is_clustered)
@@ -177,7 +192,8 @@ def fake_reassign(params: Any, quantized: Any, importance: Any = None, *,
   def snap(leaf, w, h, keep, price):
     idx, rows = _assign(leaf, w, h, keep, price)
     k = leaf.codebook.shape[-1]
-    return jnp.asarray(leaf.codebook, jnp.float32).reshape(-1)[rows * k + idx]
+    snapped = jnp.asarray(leaf.codebook, jnp.float32).reshape(-1)[rows * k + idx]
+    return jnp.where(_clustered(leaf), snapped, w)  # kept weights: themselves
 
   snapped = _per_leaf(snap, params, quantized, importance, prices, masks)
 

@@ -54,6 +54,9 @@ def save_sharded(folder, tree: Any) -> dict:
   local, places, index = {}, {}, {}
   for path, leaf in named_leaves(tree, is_leaf=is_clustered):
     if is_clustered(leaf):
+      if leaf.sparse is not None:
+        raise ValueError(f"save_sharded: {path} has a sparse part (dense-and-sparse), which "
+                         "the sharded file does not split; save it with gkq_jax.save.")
       parts = {"codebook": leaf.codebook, "indices": leaf.indices}
       index[path] = {"kind": "clustered", **{n: [list(a.shape), str(a.dtype)]
                                               for n, a in parts.items()},

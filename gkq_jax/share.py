@@ -25,6 +25,14 @@ per step on AVX-512 machines).
 Composes with ``optax.masked`` and :func:`gkq_jax.prune.keep_pruned`; a pruned
 weight (the pinned zero centroid) never moves.
 
+Dense-and-sparse leaves (a ClusteredArray with a ``sparse`` part): the weights
+kept exactly are free weights. They take no part in any cluster's reduction
+(each cluster moves by its clustered members' updates only) and each follows
+its own update, as an unclustered weight would; :func:`refresh_codebooks`
+reads their new values into the sparse part. :func:`codebook_params` /
+:func:`replace_codebooks` train the codebooks only: the kept values stay as
+they are there.
+
 Leaves are matched by their key paths, not by tree structure, so the ``q`` of a
 full ``nnx.split`` state, of ``nnx.state(model, nnx.Param)`` or of its
 ``nnx.to_pure_dict`` all serve ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` (which
@@ -57,13 +65,34 @@ def _table(leaf: ClusteredArray) -> tuple[jax.Array, int]:
   """(each weight's row in the leaf's table of clusters, as a (fan_in, C) array;
   the table's number of rows). The table has one column per channel (one
   column for vector codebooks), so per-cluster sums are scatters that follow a
-  channel sharding of the weight."""
+  channel sharding of the weight. A leaf with a sparse part has one more row,
+  the last, that holds its free weights (the kept ones): :func:`_free`."""
   if leaf.vector_shape is None:
-    return leaf.segments()
-  k, d = leaf.codebook.shape
-  seg = leaf.indices.astype(jnp.int32)[..., None] * d + jnp.arange(d, dtype=jnp.int32)
-  seg = _vectors.from_vectors(seg, leaf.vector_axis, leaf.vector_shape)  # as dequantize
-  return seg.reshape(-1, 1), k * d
+    seg, rows = leaf.segments()
+  else:
+    k, d = leaf.codebook.shape
+    seg = leaf.indices.astype(jnp.int32)[..., None] * d + jnp.arange(d, dtype=jnp.int32)
+    seg = _vectors.from_vectors(seg, leaf.vector_axis, leaf.vector_shape)  # as dequantize
+    seg, rows = seg.reshape(-1, 1), k * d
+  if leaf.sparse is None:
+    return seg, rows
+  # seg is the weight read in C order (as dequantize lays it out), so a flat
+  # position of the dense weight is a flat position of seg.
+  seg = seg.reshape(-1).at[jnp.reshape(leaf.sparse.positions, -1)].set(
+      rows, mode="drop").reshape(seg.shape)
+  return seg, rows + 1
+
+
+def _free(leaf: ClusteredArray, seg) -> jax.Array | None:
+  """Where the leaf's weights are free (its sparse part), as ``seg``'s shape; None: nowhere."""
+  if leaf.sparse is None:
+    return None
+  return leaf.sparse.mask(seg.shape)
+
+
+def _cluster_rows(leaf: ClusteredArray, rows: int) -> int:
+  """The table's rows that are clusters (all but a sparse part's row of free weights)."""
+  return rows - 1 if leaf.sparse is not None else rows
 
 
 def _table_of_codebook(leaf: ClusteredArray, book) -> jax.Array:
@@ -143,6 +172,8 @@ class ShareCentroidsState(NamedTuple):
   # One entry per clustered leaf of q, in q's order.
   segments: tuple  # per weight: its cluster's row in the leaf's table, (fan_in, C) int32
   scale: tuple  # per cluster: 1/size ("mean") or 1 ("sum"); 0 for a pinned zero; (rows, C)
+  # per weight: True where it is free (a sparse part's, kept exactly), or None
+  free: tuple = ()
 
 
 def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTransformation:
@@ -169,10 +200,12 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
     pinned = _pinned_rows(leaf, rows)
     if pinned is not None:
       scale = jnp.where(pinned, 0.0, scale)
-    return seg, scale
+    if leaf.sparse is not None:  # the free weights' row: never read
+      scale = scale.at[-1].set(0.0)
+    return seg, scale, _free(leaf, seg)
 
-  pairs = [leaf_state(leaf) for _, leaf in clusters.values()]
-  state = ShareCentroidsState(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+  triples = [leaf_state(leaf) for _, leaf in clusters.values()]
+  state = ShareCentroidsState(*(tuple(t[n] for t in triples) for n in range(3)))
 
   def init_fn(params):
     _check_covers(clusters, _leaves_by_key(params, is_leaf=_is_masked), "params",
@@ -196,20 +229,23 @@ def share_centroids(quantized: Any, reduce: str = "mean") -> optax.GradientTrans
       if slot is None or _is_masked(u):
         out.append(u)
         continue
+      free = state.free[slot] if state.free else None
       out.append(_shared_update(u, param_by_key[key], state.segments[slot],
-                                state.scale[slot]))
+                                state.scale[slot], free))
     return treedef.unflatten(out), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _shared_update(u: jax.Array, p: jax.Array, seg: jax.Array, scale: jax.Array) -> jax.Array:
+def _shared_update(u: jax.Array, p: jax.Array, seg: jax.Array, scale: jax.Array,
+                   free: jax.Array | None = None) -> jax.Array:
   """The update that puts every member of a cluster on the cluster's new value.
 
   The new values are computed once per cluster (the members' current value,
   read as their maximum, + the reduced update, rounded to the params' dtype);
   the barrier keeps XLA from recomputing them per member, where a fused
-  multiply-add could round one member apart.
+  multiply-add could round one member apart. Free weights (``free``, a sparse
+  part's) keep their own update ``u``.
   """
   p = jnp.asarray(p)
   rows = scale.shape[0]
@@ -220,7 +256,10 @@ def _shared_update(u: jax.Array, p: jax.Array, seg: jax.Array, scale: jax.Array)
   moved = jax.lax.optimization_barrier((current + total * scale).astype(p.dtype))
   work = jnp.promote_types(jnp.promote_types(p.dtype, u.dtype), jnp.float32)
   step = _gather(moved, seg).astype(work) - weights.astype(work)
-  return step.reshape(u.shape).astype(u.dtype)
+  step = step.reshape(u.shape).astype(u.dtype)
+  if free is not None:
+    step = jnp.where(free.reshape(u.shape), u, step)
+  return step
 
 
 def refresh_codebooks(quantized: Any, params: Any) -> Any:
@@ -232,7 +271,9 @@ def refresh_codebooks(quantized: Any, params: Any) -> Any:
   the same value and it is read back exactly. Where members differ (weights
   trained without the projection), the entry becomes the members' mean, the
   closest single value in the L2 sense; a pinned zero stays zero, even where
-  its members all moved together. Whenever the result does not dequantize to
+  its members all moved together. A leaf's sparse part (weights kept
+  exactly) takes their values from ``params``; they take no part in any
+  codebook entry. Whenever the result does not dequantize to
   ``params`` (weights that left their shared values, averaged or set back to
   zero) a warning names the leaf, how many weights and clusters, and how far
   the weights were from the values they now decode to (under ``jax.jit`` too,
@@ -257,8 +298,11 @@ def refresh_codebooks(quantized: Any, params: Any) -> Any:
     if pinned is not None:
       values = jnp.where(pinned, 0.0, values)
     old = _table_of_codebook(leaf, leaf.codebook)
-    book = _codebook_of_table(leaf, jnp.where(counts > 0, values, old))
+    clusters = _cluster_rows(leaf, rows)  # a sparse part's row of free weights left out
+    book = _codebook_of_table(leaf, jnp.where(counts[:clusters] > 0, values[:clusters], old))
     out = leaf.replace(codebook=book.astype(leaf.codebook.dtype))
+    if leaf.sparse is not None:
+      out = out.replace(sparse=leaf.sparse.take(dense_by_key[key]))
     # The drift check compares what the result decodes to with the params themselves,
     # so it also sees members that moved together off a pinned zero.
     off = jnp.abs(out.dequantize().astype(jnp.float32).reshape(seg.shape) - x)
