@@ -92,6 +92,7 @@ def ptq_section(**overrides) -> ml_collections.ConfigDict:
       embeddings=False,  # also the token embedding (and so a tied output matrix)
       group_size=128,  # input rows per group of the *_g128 methods
       sparse_fraction=0.0045,  # of each matrix kept exactly by gkq_fisher_sparse
+      codebook_dtype="float16",  # codebooks rounded to this: 2 bytes an entry in the file
       feedback_rounds=2,  # *_ef: (error-feedback indices, codebook refit) rounds
       packed_method="gkq_act_ef",  # batch-1 speed from packed weights vs dense ("": none)
       packed_bits=4,

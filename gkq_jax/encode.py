@@ -8,7 +8,8 @@ sections | sha256 of everything before it``. Each leaf of the params tree is one
     three ways: fixed width, Huffman, or (for pruned leaves) Deep
     Compression's relative index: the gaps between non-zero weights (with
     filler entries where a gap overflows its bits) and their indices, both
-    Huffman-coded. The codebook is a float32 table, or (version 3), where
+    Huffman-coded. The codebook is a float32 table (a float16 one where every
+    entry is a float16 number, version 4), or (version 3), where
     every row is exactly the uniform grid ``(i + offset) * scale`` with a 0
     entry (a QAT codebook: ``2**bits`` levels per channel), two float32 per
     row, ``offset`` and ``scale``. Where codebook and indices would take more
@@ -274,7 +275,8 @@ def _clustered_costs(leaf) -> _Costs:
   """What each part of a ClusteredArray takes in the file."""
   book = np.asarray(leaf.codebook, np.float32)
   grid = None if leaf.vector_shape else _grid(book)
-  book_bytes = 4 * book.size if grid is None else 8 * grid[0].size
+  book_bytes = (8 * grid[0].size if grid is not None else
+                2 * book.size if _half_exact(book) else 4 * book.size)
   sparse = leaf.pinned_zero and leaf.vector_shape is None
   index_bytes = coded_bytes(_coded_indices(leaf), leaf.num_clusters, sparse=sparse)
   dense_bytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
@@ -283,6 +285,14 @@ def _clustered_costs(leaf) -> _Costs:
     return _Costs(book_bytes, grid, index_bytes, dense_bytes)
   return _Costs(book_bytes, grid, index_bytes, dense_bytes, len(_position_bytes(kept[0])),
                 kept[1].nbytes)
+
+
+def _half_exact(book: np.ndarray) -> bool:
+  """Whether every codebook entry is a float16 number (a codebook rounded to half
+  precision, as LUT kernels hold it): then the file keeps two bytes an entry."""
+  half = book.astype(np.float16)
+  return bool(np.isfinite(half).all()) and np.array_equal(
+      half.astype(np.float32).view(np.uint32), book.view(np.uint32))
 
 
 def _dense_ok(leaf) -> bool:
@@ -379,7 +389,9 @@ def _leaf_entry(name: str, leaf, sections: _Sections) -> dict:
     if kept is not None:
       entry["sparse"].update({"dtype": kept[1].dtype.name,
                               "values": sections.add(kept[1].tobytes())})
-    if costs.grid is None:
+    if costs.grid is None and _half_exact(book):
+      entry["codebook16"] = sections.add(book.astype("<f2").tobytes())
+    elif costs.grid is None:
       entry["codebook"] = sections.add(book.tobytes())
     else:
       entry["grid"] = {"offset": sections.add(costs.grid[0].astype("<f4").tobytes()),
@@ -425,7 +437,9 @@ def save(path, tree: Any) -> tuple[int, dict]:
     sizes[name] = {"bytes": sections.buffer.tell() - before, "coding": coding}
     if entries[-1]["kind"] == "clustered":
       sizes[name]["codebook"] = ("grid" if "grid" in entries[-1] else
-                                 "table" if "codebook" in entries[-1] else "none (dense)")
+                                 "table" if "codebook" in entries[-1] else
+                                 "float16 table" if "codebook16" in entries[-1] else
+                                 "none (dense)")
       if "sparse" in entries[-1]:
         sizes[name]["sparse"] = entries[-1]["sparse"]["count"]
   header = zlib.compress(json.dumps({"entries": entries, "tree": spec},
@@ -528,6 +542,8 @@ def _leaf_from_entry(entry: dict, section):
     offset = np.frombuffer(section(entry["grid"]["offset"]), "<f4")
     scale = np.frombuffer(section(entry["grid"]["scale"]), "<f4")
     book = _grid_values(offset, scale, shape[-1]).reshape(shape)
+  elif "codebook16" in entry:
+    book = np.frombuffer(section(entry["codebook16"]), "<f2").astype(np.float32).reshape(shape)
   else:
     book = np.frombuffer(section(entry["codebook"]), np.float32).reshape(shape)
   sparse = None

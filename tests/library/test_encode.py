@@ -160,7 +160,8 @@ def test_no_leaf_takes_more_bytes_than_its_dense_weights(tmp_path):
   for name, leaf in tree.items():
     dense = np.asarray(leaf.dequantize())
     assert sizes[name]["bytes"] == gkq.stored_bytes(leaf) <= dense.nbytes, name
-    assert (sizes[name]["coding"] == "raw") == (name not in ("big", "qat")), name
+    # signed_zeros' codebook (-0, 0, 1, 2) is float16 numbers: 8 bytes, it fits.
+    assert (sizes[name]["coding"] == "raw") == (name not in ("big", "qat", "signed_zeros")), name
     got = back[name]
     assert gkq.is_clustered(got), name
     assert got.codebook.shape == leaf.codebook.shape and got.pinned_zero == leaf.pinned_zero
@@ -183,3 +184,16 @@ def test_reads_format_version_2_files():
   np.testing.assert_array_equal(np.asarray(params["Dense_2"]["kernel"].codebook),
                                 [[-0.5, 0.0, 0.5, 1.0], [-1.0, 0.0, 1.0, 2.0]])
   assert back["step"][0] == 3 and back["step"][1] is None
+
+
+def test_float16_codebooks_take_two_bytes_an_entry(tmp_path):
+  rng = np.random.default_rng(3)
+  w = rng.standard_normal((128, 16)).astype(np.float32)
+  q = gkq.quantize({"w": w}, None, [gkq.bits_rule("w", 3)], granularity="channel")["w"]
+  half = q.replace(codebook=jax.numpy.asarray(q.codebook, jax.numpy.float16).astype(np.float32))
+  assert gkq.stored_bytes(q) - gkq.stored_bytes(half) == 2 * q.codebook.size
+  _, sizes = encode.save(tmp_path / "h.gkq", {"w": half})
+  assert sizes["w"]["codebook"] == "float16 table"
+  back = encode.load(tmp_path / "h.gkq")["w"]
+  assert _bitwise_equal(back.codebook, half.codebook)
+  assert _bitwise_equal(gkq.dequantize(back), gkq.dequantize(half))

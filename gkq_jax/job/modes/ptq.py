@@ -105,6 +105,8 @@ def check_config(config) -> None:
     if int(b) != b or int(b) not in PACKED_BITS:
       raise ValueError(f"ptq.bits has {b}: the packed runtime runs 1..8-bit indices; use "
                        "whole bits in 1..8.")
+  if p.codebook_dtype not in ("float32", "float16"):
+    raise ValueError(f"ptq.codebook_dtype={p.codebook_dtype!r} must be 'float32' or 'float16'.")
   if not 0 <= p.sparse_fraction < 1:
     raise ValueError(f"ptq.sparse_fraction={p.sparse_fraction} must be in [0, 1) (0.0045 keeps "
                      "0.45% of each matrix exactly).")
@@ -317,6 +319,16 @@ def _with_error_feedback(tree, params, moments: dict, rounds: int):
       jax.tree_util.tree_structure(tree, is_leaf=gkq.is_clustered), out)
 
 
+def _codebooks_as(tree, dtype: str):
+  """Every codebook rounded to ``dtype`` ("float16": two bytes an entry in the file, as
+  LUT kernels hold their tables; "float32": as fitted)."""
+  if dtype == "float32":
+    return tree
+  cast = lambda leaf: (leaf.replace(codebook=jnp.asarray(leaf.codebook, dtype).astype(
+      jnp.float32)) if gkq.is_clustered(leaf) else leaf)
+  return jax.tree.map(cast, tree, is_leaf=gkq.is_clustered)
+
+
 def _qwix(subject: Subject, method: str) -> Compressed:
   import qwix  # the job's peer to compare with (the compare extra); imported when asked for
 
@@ -352,6 +364,8 @@ def compress(subject: Subject, method: str, bits: int, rules, importances: dict,
     activation = importances["activation"]
     seconds += activation.seconds if found is not activation else 0.0
     tree = _with_error_feedback(tree, params, activation.moments, p.feedback_rounds)
+  if not method.startswith("rtn"):  # RTN's grids are two numbers a row already
+    tree = _codebooks_as(tree, p.codebook_dtype)
   dense = gkq.dequantize(tree)
   jax.block_until_ready(dense)
   seconds += time.perf_counter() - start
@@ -509,10 +523,14 @@ def ptq(config, workdir) -> dict:
 
 
 def _table(table: dict, key: str) -> dict:
-  measures = [k for k in table["fp32"] if isinstance(table["fp32"][k], float)]
-  rows = [["fp32", 32, *[round(table["fp32"][k], 4) for k in measures], None, 32.0, None]]
+  """fp32, then one row per method and bits (rounded for show; results.json keeps them
+  whole), with the key measure's change from fp32 in percent."""
+  fp32 = table["fp32"]
+  measures = [k for k in fp32 if isinstance(fp32[k], float)]
+  change = lambda r: round(100 * (r[key] - fp32[key]) / fp32[key], 2)
+  rows = [["fp32", 32, *[round(fp32[k], 4) for k in measures], 0.0, None, 32.0, None]]
   for r in table["rows"]:
-    rows.append([r["method"], r["bits"], *[round(r[k], 4) for k in measures], r["weight_bytes"],
-                 round(r["bits_per_weight"], 3), round(r["seconds"], 1)])
-  return {"columns": ["method", "bits", *measures, "weight bytes", "bits/weight", "seconds"],
-          "rows": rows, "formats": {}, "key": key}
+    rows.append([r["method"], r["bits"], *[round(r[k], 4) for k in measures], change(r),
+                 r["weight_bytes"], round(r["bits_per_weight"], 3), round(r["seconds"], 1)])
+  return {"columns": ["method", "bits", *measures, f"{key} change %", "weight bytes",
+                      "bits/weight", "seconds"], "rows": rows, "formats": {}}
