@@ -43,6 +43,7 @@ from gkq_jax.ecsq import (
 )
 from gkq_jax.encode import CorruptFileError, coded_bytes, load, save, stored_bytes
 from gkq_jax.energy import EnergyCosts, EnergyEstimate, estimate_energy
+from gkq_jax.error_feedback import error_feedback_indices, refit_codebooks
 from gkq_jax.exact1d import optimal_centroids
 from gkq_jax.flax_runtime import apply_packed, merge_packed
 from gkq_jax.importance import IMPORTANCE_KINDS, compute_importance, damp_importance
@@ -144,7 +145,8 @@ __all__ = [
     "PackedArray", "is_packed", "pack", "pack_indices", "pack_tree", "unpack", "unpack_indices",
     "unpack_tree", "apply_packed", "merge_packed", "lut_matmul", "lut_matmul_reference",
     "lut_unsupported", "cluster_per_channel", "stream_per_channel", "fake_reassign", "reassign",
-    "LeafAxes", "layer_axes", "rtn_array", "rtn_quantize", "load_sharded", "save_sharded",
+    "LeafAxes", "layer_axes", "rtn_array", "rtn_quantize", "error_feedback_indices",
+    "refit_codebooks", "load_sharded", "save_sharded",
     "shardings_of", "SparseOutliers",
     # Option values the job and users validate against.
     "ALLOCATIONS", "BUDGET_METHODS", "DEFAULT_CHUNK_VALUES", "DKM_FORMS", "DKM_ON_DEGENERATE",

@@ -251,13 +251,18 @@ def dp(s: InitInputs):
                    for cum in (hist.cum_weight, hist.cum_moment, hist.cum_square))
 
     t = _coarse_bounds(sums_at(jnp.arange(coarse + 1), coarse), k_active, K)
+    # The group's own number of levels (its bins, not the largest group's), so a
+    # group's start does not depend on the other groups clustered in the same call.
+    own_final = jnp.maximum(coarse, jnp.minimum(DP_BINS, bins))
+    own_levels = jnp.round(jnp.log2(own_final / coarse)).astype(jnp.int32)
 
     def level(i, t):
       M = coarse * 2 ** (i + 1)
-      return _refined_bounds(2 * t, lambda pos: sums_at(pos, M), M, k_active, _DP_WINDOW)
+      refined = _refined_bounds(2 * t, lambda pos: sums_at(pos, M), M, k_active, _DP_WINDOW)
+      return jnp.where(i < own_levels, refined, t)
 
     t = jax.lax.fori_loop(0, levels, level, t)
-    W, S, _ = sums_at(t, coarse * 2 ** levels)
+    W, S, _ = sums_at(t, coarse * 2 ** jnp.minimum(own_levels, levels))
     w = jnp.diff(W)
     return jnp.where(w > 0, jnp.diff(S) / jnp.where(w > 0, w, 1.0), jnp.nan)
 

@@ -292,3 +292,15 @@ def test_each_group_clusters_as_it_would_alone(mixed_groups, method, init):
   c, a = np.asarray(out.centroids[0]), np.asarray(out.assignments[:3])
   np.testing.assert_allclose(c[a], x[:3], rtol=1e-6)
   np.testing.assert_array_equal(c[3:], np.full(5, x[:3].max()))
+
+
+def test_a_group_clusters_the_same_whatever_else_is_in_the_call():
+  # The DP start's resolution is each group's own (issue 23: a 1-device run of a whole
+  # layer and a sharded run of its channels gave different codebooks on small groups).
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(64 * 128).astype(np.float32)
+  extra = rng.standard_normal(344).astype(np.float32)
+  alone = gkq.grouped_kmeans_1d(jnp.asarray(x), None, [128] * 64, 16)
+  mixed = gkq.grouped_kmeans_1d(jnp.asarray(np.concatenate([x, extra])), None,
+                                [128] * 64 + [344], 16)
+  np.testing.assert_array_equal(np.asarray(alone.centroids), np.asarray(mixed.centroids)[:64])
