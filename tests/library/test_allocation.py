@@ -38,9 +38,11 @@ def test_coded_bytes_are_the_files(tmp_path):
       "sparse": (np.where(rng.random(5000) < 0.06, rng.integers(1, 5, 5000), 0), 5, True),
       "long_gaps": (np.where(rng.random(9000) < 0.004, 1, 0), 2, True),
   }
-  # Squares of a linspace from 0: the pinned zero of the sparse leaves, and no uniform grid
-  # (which the file would store as two numbers), so the codebooks are float32 tables.
-  tree = {name: gkq.ClusteredArray(np.linspace(0, 1, k, dtype=np.float32)[None] ** 2,
+  # Squares of a linspace from 0, over 3: the pinned zero of the sparse leaves, no uniform
+  # grid (which the file would store as two numbers) and no float16 numbers (two bytes an
+  # entry), so the codebooks are float32 tables.
+  tree = {name: gkq.ClusteredArray(np.linspace(0, 1, k, dtype=np.float32)[None] ** 2
+                                   * np.float32(1 / 3),
                                    idx.astype(np.uint8), pinned_zero=pin)
           for name, (idx, k, pin) in leaves.items()}
   _, sizes = gkq.save(tmp_path / "m.gkq", tree)
