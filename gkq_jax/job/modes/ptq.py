@@ -271,8 +271,7 @@ def _with_params(model: nnx.Module, params) -> nnx.Module:
 
 
 def _clustered_bytes(tree) -> int:
-  return sum(gkq.stored_bytes(leaf) for leaf in jax.tree.leaves(tree, is_leaf=gkq.is_clustered)
-             if gkq.is_clustered(leaf))
+  return sum(gkq.stored_bytes(leaf) for _, leaf in gkq.clustered_leaves(tree))
 
 
 def _gkq_tree(method: str, bits: int, params, importance, rules, p):
@@ -443,16 +442,28 @@ def importance_for(subject: Subject, kind: str) -> Importance:
   return Importance(imp, time.perf_counter() - start, moments)
 
 
+def add_importances(subject: Subject, methods, importances: dict) -> dict:
+  """``importances`` with every kind ``methods`` need added (error feedback needs the
+  activations' moments too); kinds already there are not computed again."""
+  kinds = {IMPORTANCE_OF[m] for m in methods if m in IMPORTANCE_OF}
+  kinds |= {"activation"} if any(m.endswith("_ef") for m in methods) else set()
+  for kind in sorted(kinds - set(importances)):
+    importances[kind] = importance_for(subject, kind)
+  return importances
+
+
 def rules_for(p, bits: int) -> list:
   pattern = p.pattern if not p.embeddings else f"(?:{p.pattern})|embedding$"
   return [gkq.bits_rule(pattern, bits)]
 
 
 def run_table(subject: Subject, p, rows_file: pathlib.Path | None = None,
-              log: Callable[[str], None] = logging.info) -> dict:
+              log: Callable[[str], None] = logging.info,
+              importances: dict | None = None) -> dict:
   """Every method of ``p.methods`` at every ``p.bits``: {"fp32": measures, "rows": [...]}.
   Each finished row is appended to ``rows_file`` (JSON lines); a rerun with the same file
-  keeps the rows already there and computes only the others."""
+  keeps the rows already there and computes only the others. The importances computed
+  are added to ``importances`` (when given), for the caller to reuse."""
   done_rows = {}
   if rows_file is not None and rows_file.exists():
     for line in rows_file.read_text().splitlines():
@@ -463,9 +474,7 @@ def run_table(subject: Subject, p, rows_file: pathlib.Path | None = None,
   wanted = [(m, int(b)) for m in p.methods
             for b in ([QWIX_BITS[m]] if m in QWIX_BITS else p.bits)]
   todo = [m for m, b in wanted if (m, b) not in done_rows]
-  kinds = {IMPORTANCE_OF[m] for m in todo if m in IMPORTANCE_OF}
-  kinds |= {"activation"} if any(m.endswith("_ef") for m in todo) else set()
-  importances = {kind: importance_for(subject, kind) for kind in sorted(kinds)}
+  importances = add_importances(subject, todo, {} if importances is None else importances)
   rows = []
   for method, bits in wanted:
     if (method, bits) in done_rows:
@@ -492,7 +501,7 @@ def packed_speed(subject: Subject, done: Compressed, repeats: int = 5) -> dict:
   run, and the largest difference between their outputs."""
   graphdef, _, rest = nnx.split(done.model, nnx.Param, ...)
   packed = gkq.merge_packed(graphdef, gkq.pack_tree(done.tree), rest)
-  dense_fn, packed_fn = transformer.jitted(done.model, subject.qwix_method), None
+  dense_fn = transformer.jitted(done.model, subject.qwix_method)
   packed_fn = transformer.jitted(packed, subject.qwix_method)
   out = {"max_abs_difference": float(np.max(np.abs(
       np.asarray(dense_fn(*subject.sample), np.float32)
@@ -508,12 +517,12 @@ def packed_speed(subject: Subject, done: Compressed, repeats: int = 5) -> dict:
 def ptq(config, workdir) -> dict:
   """The mode: the table of :func:`run_table` for the configured checkpoint."""
   subject = lm_subject(config) if config.model == "llama" else embedding_subject(config)
-  table = run_table(subject, config.ptq, pathlib.Path(workdir) / "ptq_rows.jsonl")
+  importances = {}  # calibration is the costly part: computed once for both uses
+  table = run_table(subject, config.ptq, pathlib.Path(workdir) / "ptq_rows.jsonl",
+                    importances=importances)
   if config.ptq.packed_method:
     method, bits = config.ptq.packed_method, int(config.ptq.packed_bits)
-    importances = {k: importance_for(subject, k) for k in
-                   {IMPORTANCE_OF.get(method), "activation" if method.endswith("_ef") else None}
-                   if k}
+    add_importances(subject, [method], importances)
     done = compress(subject, method, bits, rules_for(config.ptq, bits), importances,
                     config.ptq)
     table["packed"] = {"method": method, "bits": bits, **packed_speed(subject, done)}
