@@ -38,15 +38,16 @@ INITS = tuple(_inits.INITS)
 OBJECTIVES = ("l2", "l1")
 
 _EXACT_BINS = 4096
+EXACT_UP_TO = 256
 MIN_BINS = 16
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("plan", "K", "method", "init", "objective", "max_iter", "tol",
-                     "exact_bins", "refine_iters", "exact_max_points"))
-def _grouped_kmeans(x, h, k_active, key, arrays, tiny, *, plan, K, method, init, objective,
-                    max_iter, tol, exact_bins, refine_iters, exact_max_points):
+                     "exact_bins", "refine_iters", "exact_max_points", "small_widths"))
+def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, *, plan, K, method, init, objective,
+                    max_iter, tol, exact_bins, refine_iters, exact_max_points, small_widths):
   lo, hi, mass = _rows.group_stats(plan, arrays, x, h)
   # A group whose importance is all zero is clustered with uniform weights.
   frame = hist_lib.Frame((lo + hi) / 2, (hi - lo) / 2, mass <= 0)
@@ -67,6 +68,9 @@ def _grouped_kmeans(x, h, k_active, key, arrays, tiny, *, plan, K, method, init,
     c = _inits.start(init, inputs, active)
     if method == "hist":
       c = _lloyd.hist_lloyd(c, hist, objective, active, plan.max_bins, max_iter, tol)
+  if init == "dp" and objective == "l2" and method != "exact":  # the DP start, exact here
+    for width, groups in zip(small_widths, small):
+      c = _exact_small(c, x, h, frame, arrays, groups, width, k_active, K)
   c = _exact_small_groups(c, x, frame, arrays, tiny, active)
 
   lloyd_iters = max_iter if method == "lloyd" else refine_iters
@@ -78,6 +82,47 @@ def _grouped_kmeans(x, h, k_active, key, arrays, tiny, *, plan, K, method, init,
   last = jnp.take_along_axis(c, jnp.maximum(k_active - 1, 0)[:, None], axis=1)
   c = jnp.where(active, c, last)
   return Clustering(c + frame.center[:, None], a)
+
+
+def _exact_small(c, x, h, frame, arrays, small, width, k_active, K):
+  """The optimal centroids of small groups (at most ``width`` values each,
+  indices ``small``): the full DP over their sorted values, O(K n^2) a group.
+
+  Range costs come from float32 running sums over the group's centred values;
+  that is exact enough unless clusters hold one or two values next to far
+  outliers (K close to the group's size), where costs below ~1e-7 of the
+  group's total are lost."""
+  G = small.shape[0]
+  size = arrays.group_size[small]
+  slot = jnp.arange(width)[None, :]
+  real = slot < size[:, None]
+  at = arrays.group_start[small][:, None] + jnp.minimum(slot, size[:, None] - 1)
+  xc = x[at] - frame.center[small][:, None]
+  w = jnp.where(real, jnp.where(frame.uniform[small][:, None], 1.0, h[at]), 0.0)
+  # Padding sorts last: the group's largest value at no weight.
+  xc = jnp.where(real, xc, jnp.max(jnp.where(real, xc, -jnp.inf), axis=1, keepdims=True))
+  xs, ws = jax.lax.sort((xc, w), dimension=1, num_keys=1)
+  flat = lambda a: a.reshape(-1)
+  cum = lambda a: flat(jnp.cumsum(a, axis=1))
+  points = hist_lib.Histogram(flat(ws), flat(ws * xs), cum(ws), cum(ws * xs), cum(ws * xs * xs),
+                              jnp.arange(G, dtype=jnp.int32) * width, size,
+                              frame.half_range[small])
+  # One DP position per value (positions past a group's own values are its end):
+  # the coarse DP of the partition is the exact one.
+  grid = jnp.minimum(jnp.arange(width + 1)[None, :], size[:, None])
+  start = _inits.partition(points, grid, k_active[small], K, width, 0, jnp.full(G, width))
+  active = jnp.arange(K)[None, :] < k_active[small][:, None]
+  start = jnp.where(active, _inits.fill_empty(start), jnp.inf)
+  return c.at[small].set(jax.lax.cummax(start, axis=1))
+
+
+def _small_buckets(sizes: np.ndarray, k: np.ndarray, exact_up_to: int):
+  """Groups with more values than clusters and at most ``exact_up_to``, by
+  their size rounded up to 16 (the DP's width): ((width, ...), (indices, ...))."""
+  small = np.flatnonzero((sizes > k) & (sizes <= exact_up_to))
+  width = -(-sizes[small] // 16) * 16
+  buckets = tuple(int(v) for v in np.unique(width))
+  return buckets, tuple(jnp.asarray(small[width == v], jnp.int32) for v in buckets)
 
 
 def _exact_small_groups(c, x, frame, arrays, tiny, active):
@@ -142,7 +187,8 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
                       method: str = "hist", init: str = "dp",
                       objective: str = "l2", max_iter: int = 300, tol: float = 1e-6,
                       key=None, bins: int | None = None, refine_iters: int = 1,
-                      exact_max_points: int = 4096) -> Clustering:
+                      exact_max_points: int = 4096,
+                      exact_up_to: int = EXACT_UP_TO) -> Clustering:
   """Clusters each contiguous group of ``values`` into its own codebook.
 
   Args:
@@ -153,7 +199,9 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     group_sizes: static positive sizes summing to N.
     num_clusters: an int for every group, or one int per group.
     method: "hist" (default), "lloyd" or "exact"; see the module docstring.
-    init: "dp" (default: the optimal partition of a coarse 256-bin histogram;
+    init: "dp" (default: the optimal partition of the histogram on a grid
+      of up to 1024 positions, coarse to fine; for groups of at most
+      ``exact_up_to`` values, of the values themselves;
       greedy "kmeans++" when K > 32), "companding" (quantiles of density^(1/3), the
       asymptotically optimal spacing), "density" (weighted quantiles),
       "linear" (min..max), "forgy" (random members) or "kmeans++"
@@ -169,6 +217,14 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     refine_iters: Lloyd steps on the real values after "hist" / "exact".
     exact_max_points: "exact" runs on the sorted values themselves when every
       group has at most this many, otherwise on a histogram of ``bins`` bins.
+    exact_up_to: with init "dp" and objective "l2", a group of at most this
+      many values (default 256) starts from its exact optimum (so it ends
+      there): the full DP over its sorted values
+      on the device, O(K n^2) for n values (about 1 us a value at n = 128, K =
+      16 on two CPU cores; larger groups go through the histogram). A
+      histogram of a few hundred values is too coarse to be near-optimal; a
+      layer's first convolution or a group of 128 is where this matters. 0
+      turns it off (faster for very many small groups).
 
   Returns:
     :class:`Clustering` with centroids (G, K), K = max(num_clusters), and
@@ -182,6 +238,10 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     its values, same options and key).
   """
   _check_options(method, init, objective, max_iter, tol)
+  if isinstance(exact_up_to, bool) or not isinstance(exact_up_to, (int, np.integer)) \
+      or exact_up_to < 0:
+    raise ValueError(f"exact_up_to must be an integer >= 0 (0 turns the exact DP of small "
+                     f"groups off), got {exact_up_to!r}.")
   group_sizes = tuple(int(s) for s in group_sizes)
   if not group_sizes or min(group_sizes) < 1:
     raise ValueError(f"group_sizes must be positive, got {group_sizes[:8]}...")
@@ -213,13 +273,16 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
   with jax.ensure_compile_time_eval():  # cached layout arrays: never tracers of this call
     plan, arrays = _layout.make(group_sizes, K, bins)
     seg = hist_lib.group_ids(group_sizes)
-  small = np.flatnonzero(np.asarray(group_sizes) <= k)
+  sizes = np.asarray(group_sizes)
+  tiny = np.flatnonzero(sizes <= k)
+  small_widths, small = _small_buckets(sizes, k, exact_up_to)
   out = _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key, arrays,
-                        jnp.asarray(small, jnp.int32), plan=plan, K=K, method=method,
+                        jnp.asarray(tiny, jnp.int32), small, plan=plan, K=K, method=method,
                         init=init, objective=objective, max_iter=int(max_iter),
                         tol=float(tol), exact_bins=int(exact_bins),
                         refine_iters=int(refine_iters),
-                        exact_max_points=int(exact_max_points))
+                        exact_max_points=int(exact_max_points),
+                        small_widths=small_widths)
   # Every method's result goes through here: a group with at most its K distinct values
   # gets them exactly (lossless), not centroids computed about the group's centre.
   return Clustering(*_distinct.exact_groups(values, seg, k, out.centroids, out.assignments))
