@@ -44,12 +44,14 @@ outlier no longer drags a centroid. Scalar granularities ("layer",
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from gkq_jax import _distinct, _vectors, allocation
 from gkq_jax import rules as rules_lib
@@ -407,28 +409,43 @@ def _channel_split_leaves(granularity, chosen, paths, leaves, masks, layouts) ->
 def _cluster_channels_shard_by_shard(path, leaf, imp, k, key, options, group_size, layout):
   """Per-channel clustering of a channel-split leaf, each device its own channels."""
   sharding = sharding_lib.named_sharding(leaf)
-  names = sharding_lib.channel_split(path, jnp.shape(leaf), sharding, layout.stacked,
-                                     layout.channels)
-  spec = sharding.spec
+  sharding_lib.channel_split(path, jnp.shape(leaf), sharding, layout.stacked, layout.channels)
   if imp is not None and sharding_lib.named_sharding(imp) != sharding:
     warnings.warn(f"quantize: the importance of {path} is not sharded like the weight "
                   f"({getattr(imp, 'sharding', None)} vs {sharding}); resharding it.",
                   stacklevel=4)
     imp = jax.device_put(imp, sharding)
-  layers, fan_in, _ = _matrix(jnp.shape(leaf), layout, "channel")
+  try:
+    options_key = tuple(sorted(options.items()))
+    hash(options_key)
+  except TypeError:  # an unhashable option value: compile this call on its own
+    options_key = None
+  run = (_shard_local_clusterer.__wrapped__ if options_key is None else _shard_local_clusterer)(
+      sharding, tuple(jnp.shape(leaf)), k, options_key or tuple(options.items()), group_size,
+      layout, imp is not None)
+  book, idx = run(key, leaf) if imp is None else run(key, leaf, imp)
+  return ClusteredArray(book, idx, stacked=layout.stacked)
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_local_clusterer(sharding, shape, k, options, group_size, layout, weighted):
+  """The jitted shard_map that clusters a leaf's channels device by device,
+  made once per (sharding, shape, settings): quantize is often called again on
+  the same model (re-clustering during training) and would otherwise compile
+  it every call."""
+  names = sharding_lib.channel_split("leaf", shape, sharding, layout.stacked, layout.channels)
+  layers, fan_in, _ = _matrix(shape, layout, "channel")
   rows = layers * (fan_in // group_size if group_size is not None else 1)
   book_spec = sharding_lib.codebook_spec(names, 2 if rows == 1 else 3)
+  spec = sharding.spec
 
-  def local(*arrays):
-    w, h = arrays if imp is not None else (arrays[0], None)
-    [q] = _cluster_scalars([w], [h], [k], [None], [path], "channel", None, key, options,
+  def local(key, w, h=None):
+    [q] = _cluster_scalars([w], [h], [k], [None], ["leaf"], "channel", None, key, dict(options),
                            group_size, [layout])
     return q.codebook, q.indices
 
-  args = (leaf,) if imp is None else (leaf, imp)
-  run = sharding_lib.shard_local(local, sharding, (spec,) * len(args), (book_spec, spec))
-  book, idx = run(*args)
-  return ClusteredArray(book, idx, stacked=layout.stacked)
+  in_specs = (P(),) + (spec,) * (2 if weighted else 1)
+  return sharding_lib.shard_local(local, sharding, in_specs, (book_spec, spec))
 
 
 def _cluster_vectors(path, leaf, imp, k, key, options, layout="vector"):

@@ -62,6 +62,13 @@ def main():
     one = gkq.quantize(PARAMS, IMPORTANCE, RULES, granularity="channel", group_size=group_size)
     many = gkq.quantize(sp, si, RULES, granularity="channel", group_size=group_size)
     out[f"{tag}/quantize_equal"] = equal(one, many)
+    # Quantizing the same sharded model again reuses the compiled shard-local program.
+    quantize_lib = sys.modules["gkq_jax.quantize"]  # the module (gkq.quantize is the function)
+    misses = quantize_lib._shard_local_clusterer.cache_info().misses
+    again = gkq.quantize(sp, si, RULES, granularity="channel", group_size=group_size)
+    out[f"{tag}/requantize_compiles"] = (
+        quantize_lib._shard_local_clusterer.cache_info().misses - misses)
+    out[f"{tag}/requantize_equal"] = equal(again, many)
     out[f"{tag}/quantize_specs"] = specs(many)
     dense = jax.jit(gkq.dequantize)(many)
     out[f"{tag}/dequantize_equal"] = equal(gkq.dequantize(one), dense)

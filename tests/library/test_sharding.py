@@ -36,8 +36,9 @@ CHANNEL_SPLIT = {"['mlp']['kernel']": "P(None, 'model')",
 @pytest.mark.parametrize("tag", ["gsNone", "gs16"])
 def test_per_channel_compression_stays_where_the_weights_lie(findings, tag):
   assert findings["devices"] == 4
-  for what in ("quantize", "dequantize", "step"):
+  for what in ("quantize", "dequantize", "step", "requantize"):
     assert findings[f"{tag}/{what}_equal"], what  # bit for bit one device's result
+  assert findings[f"{tag}/requantize_compiles"] == 0  # the shard-local program is reused
   books = "P('model',)" if tag == "gsNone" else "P(None, 'model')"
   specs = findings[f"{tag}/quantize_specs"]
   assert specs["['mlp']['kernel'].indices"] == "P(None, 'model')"
