@@ -166,6 +166,7 @@ def main():
   parser.add_argument("--group-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--sklearn-groups", type=int, default=100)
+  parser.add_argument("--json", help="write a results summary here")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--kernels", help=argparse.SUPPRESS)
   parser.add_argument("--layout", help=argparse.SUPPRESS)
@@ -218,6 +219,9 @@ def main():
   print("|" + "---|" * len(header))
   for r in rows:
     print("| " + " | ".join(str(v) for v in r) + " |")
+  if args.json:
+    import _summary
+    _summary.write(args.json, header, rows)
 
 
 if __name__ == "__main__":

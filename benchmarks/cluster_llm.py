@@ -146,6 +146,7 @@ def main():
   parser.add_argument("--flash-processes", type=int, default=1,
                       help="flash1dkmeans in this many processes (channels split between them)")
   parser.add_argument("--skip-flash", action="store_true")
+  parser.add_argument("--json", help="write a results summary here")
   args = parser.parse_args()
 
   print(f"Llama-2-7B shapes, first {args.layers} decoder layers, K = {args.k}, per output "
@@ -181,6 +182,15 @@ def main():
         f"{g_warm:.1f} / layer) | {g_32:.0f} | {g_sse:.6g} | {g_sse / f_sse:.4f} | "
         f"{f_32 / g_32:.2f} | {peak:.2f} |")
   print(f"| {flash} | {f_total:.1f} | {f_32:.0f} | {f_sse:.6g} | 1.0000 | 1.00 | - |")
+  if args.json:
+    import _summary
+    _summary.write(args.json, [
+        "method", "s, these layers", "s, 32 layers (extrapolated)", "weighted SSE",
+        "SSE / flash", "x faster than flash (32 layers)", "peak memory / layer bytes"], [
+        ["gkq stream_per_channel", f"{g_total:.1f} (first layer {rows[0][3]:.1f}, then "
+         f"{g_warm:.1f} / layer)", f"{g_32:.0f}", f"{g_sse:.6g}", f"{g_sse / f_sse:.4f}",
+         f"{f_32 / g_32:.2f}", f"{peak:.2f}"],
+        [flash, f"{f_total:.1f}", f"{f_32:.0f}", f"{f_sse:.6g}", "1.0000", "1.00", "-"]])
   print(f"\nlayer = {rows[0][2] / 2 ** 20:.0f} MiB of float32 weights; peak = resident set while "
         "gkq clusters a layer, above the process before the layer was made (weights + importance "
         "+ clustering)" + (", over the layers after the first (the first also compiles)"
