@@ -86,31 +86,35 @@ def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, *, plan, K, method
 
 def _exact_small(c, x, h, frame, arrays, small, width, k_active, K):
   """The optimal centroids of small groups (at most ``width`` values each,
-  indices ``small``): the full DP over their sorted values, O(K n^2) a group.
+  indices ``small``): the full DP over their sorted values, O(K n^2) a group,
+  a batch of groups at a time (their tables bound the memory, not the values).
 
   Range costs come from float32 running sums over the group's centred values;
   that is exact enough unless clusters hold one or two values next to far
   outliers (K close to the group's size), where costs below ~1e-7 of the
   group's total are lost."""
-  G = small.shape[0]
-  size = arrays.group_size[small]
-  slot = jnp.arange(width)[None, :]
-  real = slot < size[:, None]
-  at = arrays.group_start[small][:, None] + jnp.minimum(slot, size[:, None] - 1)
-  xc = x[at] - frame.center[small][:, None]
-  w = jnp.where(real, jnp.where(frame.uniform[small][:, None], 1.0, h[at]), 0.0)
-  # Padding sorts last: the group's largest value at no weight.
-  xc = jnp.where(real, xc, jnp.max(jnp.where(real, xc, -jnp.inf), axis=1, keepdims=True))
-  xs, ws = jax.lax.sort((xc, w), dimension=1, num_keys=1)
-  flat = lambda a: a.reshape(-1)
-  cum = lambda a: flat(jnp.cumsum(a, axis=1))
-  points = hist_lib.Histogram(flat(ws), flat(ws * xs), cum(ws), cum(ws * xs), cum(ws * xs * xs),
-                              jnp.arange(G, dtype=jnp.int32) * width, size,
-                              frame.half_range[small])
-  # One DP position per value (positions past a group's own values are its end):
-  # the coarse DP of the partition is the exact one.
-  grid = jnp.minimum(jnp.arange(width + 1)[None, :], size[:, None])
-  start = _inits.partition(points, grid, k_active[small], K, width, 0, jnp.full(G, width))
+  slot = jnp.arange(width)
+
+  def one_group(g, k_active):
+    size = arrays.group_size[g]
+    real = slot < size
+    at = arrays.group_start[g] + jnp.minimum(slot, size - 1)
+    xc = x[at] - frame.center[g]
+    w = jnp.where(real, jnp.where(frame.uniform[g], 1.0, h[at]), 0.0)
+    # Padding sorts last: the group's largest value at no weight.
+    xc = jnp.where(real, xc, jnp.max(jnp.where(real, xc, -jnp.inf)))
+    xs, ws = jax.lax.sort((xc, w), num_keys=1)
+    zero = jnp.zeros(1)
+    sums = tuple(jnp.concatenate([zero, jnp.cumsum(a)]) for a in (ws, ws * xs, ws * xs * xs))
+    # Positions past the group's own values are its end: one position per value.
+    at_end = jnp.minimum(jnp.arange(width + 1), size)
+    t = _inits._coarse_bounds(tuple(a[at_end] for a in sums), k_active, K)
+    W, S = sums[0][at_end[t]], sums[1][at_end[t]]
+    mass = jnp.diff(W)
+    return jnp.where(mass > 0, jnp.diff(S) / jnp.where(mass > 0, mass, 1.0), jnp.nan)
+
+  batch = max(1, (1 << 22) // (width + 1) ** 2)
+  start = _inits.map_groups(one_group, (small, k_active[small]), batch=batch)
   active = jnp.arange(K)[None, :] < k_active[small][:, None]
   start = jnp.where(active, _inits.fill_empty(start), jnp.inf)
   return c.at[small].set(jax.lax.cummax(start, axis=1))
