@@ -40,6 +40,7 @@ class Histogram(NamedTuple):
   base: jax.Array  # (G,)
   bins: jax.Array  # (G,)
   half_range: jax.Array  # (G,)
+  first_tile: jax.Array  # (total_bins / 16,) bool: a group's bins start here
 
   def take(self, groups):
     """The per-group fields of some groups (the flat arrays are shared)."""
@@ -90,7 +91,8 @@ def make_histogram(flat, base, bins, half_range, first_tile):
   weight, moment = flat[:, 0], flat[:, 1]
   square = jnp.where(weight > 0, moment * moment / jnp.where(weight > 0, weight, 1.0), 0.0)
   cum = lambda v: segmented_cumsum(v, first_tile)
-  return Histogram(weight, moment, cum(weight), cum(moment), cum(square), base, bins, half_range)
+  return Histogram(weight, moment, cum(weight), cum(moment), cum(square), base, bins, half_range,
+                   first_tile)
 
 
 def prefix(cum, base, pos):

@@ -186,7 +186,7 @@ def _range_cost(a, b):
   return jnp.maximum(q - s * s / jnp.where(w > 0, w, 1.0), 0.0)
 
 
-def _coarse_bounds(sums, k_active, K):
+def coarse_bounds(sums, k_active, K):
   """Optimal cluster boundaries 0 = t_0 <= ... <= t_K = M at M + 1 positions
   by the full O(K M^2) DP; clusters from k_active on are empty (t_k = M)."""
   M = sums[0].shape[0] - 1
@@ -260,9 +260,7 @@ def _companded_grid(hist, own_final, final: int, objective: str, max_bins: int):
   cluster of its own. Each group's grid depends on its own histogram and
   resolution only."""
   dens = jnp.maximum(hist.weight, 0.0) ** (1 / 3 if objective == "l2" else 1 / 2)
-  first_tile = jnp.zeros(hist.weight.shape[0] // hist_lib.MIN_BINS, bool)
-  first_tile = first_tile.at[hist.base // hist_lib.MIN_BINS].set(True)
-  cum = hist_lib.segmented_cumsum(dens, first_tile)
+  cum = hist_lib.segmented_cumsum(dens, hist.first_tile)
   total = hist_lib.prefix(cum, hist.base, hist.bins)
   half = (own_final // 2)[:, None]
   q = jnp.arange(1, final // 2 + 1)[None, :]
@@ -278,7 +276,7 @@ def _companded_grid(hist, own_final, final: int, objective: str, max_bins: int):
 
 
 def partition(hist, grid, k_active, K: int, coarse: int, levels: int, own_final):
-  """Optimal partition of each group's bins (or sorted points), coarse to fine.
+  """Optimal partition of each group's histogram bins, coarse to fine.
 
   ``grid`` (G, final + 1), final = coarse * 2^levels, holds the positions the
   boundaries may take: group g uses its first ``own_final[g]`` + 1 (a power
@@ -286,9 +284,8 @@ def partition(hist, grid, k_active, K: int, coarse: int, levels: int, own_final)
   groups in the call. A full O(K M^2) DP places the K - 1
   boundaries on M = ``coarse`` positions; each following level doubles the
   positions and finds the best boundaries within 4 positions of the previous
-  ones, an O(K) DP. With ``coarse`` positions for every bin the result is the
-  optimal partition. Range costs are exact for the bins (each a point mass at its
-  weighted mean). Returns (G, K) weighted means, NaN for empty clusters.
+  ones, an O(K) DP. Range costs are exact for the bins (each a point mass at
+  its weighted mean). Returns (G, K) weighted means, NaN for empty clusters.
   """
   def one_group(base, bins, k_active, grid, own_final):
     own_levels = jnp.round(jnp.log2(own_final / coarse)).astype(jnp.int32)
@@ -298,7 +295,7 @@ def partition(hist, grid, k_active, K: int, coarse: int, levels: int, own_final)
       return tuple(hist_lib.prefix(cum, base, fine)
                    for cum in (hist.cum_weight, hist.cum_moment, hist.cum_square))
 
-    t = _coarse_bounds(sums_at(jnp.arange(coarse + 1), coarse), k_active, K)
+    t = coarse_bounds(sums_at(jnp.arange(coarse + 1), coarse), k_active, K)
 
     def level(i, t):
       M = coarse * 2 ** (i + 1)
@@ -332,14 +329,11 @@ def dp(s: InitInputs):
   then polishes it."""
   coarse, levels = dp_resolutions(s.K, s.max_bins)
   final = coarse * 2 ** levels
-  # The group's own resolution (its bins, not the largest group's).
-  own_final = jnp.maximum(coarse, jnp.minimum(final, _pow2_ceil(s.hist.bins)))
+  # The group's own resolution: its bins (a power of two below the 16,384 cap),
+  # not the largest group's.
+  own_final = jnp.maximum(coarse, jnp.minimum(final, s.hist.bins))
   grid = _companded_grid(s.hist, own_final, final, s.objective, s.max_bins)
   return fill_empty(partition(s.hist, grid, s.k_active, s.K, coarse, levels, own_final))
-
-
-def _pow2_ceil(n):
-  return jnp.left_shift(1, jnp.ceil(jnp.log2(jnp.maximum(n, 1))).astype(jnp.int32))
 
 
 INITS: dict[str, Callable[[InitInputs], jax.Array]] = {

@@ -108,7 +108,7 @@ def _exact_small(c, x, h, frame, arrays, small, width, k_active, K):
     sums = tuple(jnp.concatenate([zero, jnp.cumsum(a)]) for a in (ws, ws * xs, ws * xs * xs))
     # Positions past the group's own values are its end: one position per value.
     at_end = jnp.minimum(jnp.arange(width + 1), size)
-    t = _inits._coarse_bounds(tuple(a[at_end] for a in sums), k_active, K)
+    t = _inits.coarse_bounds(tuple(a[at_end] for a in sums), k_active, K)
     W, S = sums[0][at_end[t]], sums[1][at_end[t]]
     mass = jnp.diff(W)
     return jnp.where(mass > 0, jnp.diff(S) / jnp.where(mass > 0, mass, 1.0), jnp.nan)

@@ -415,14 +415,14 @@ def _cluster_channels_shard_by_shard(path, leaf, imp, k, key, options, group_siz
                   f"({getattr(imp, 'sharding', None)} vs {sharding}); resharding it.",
                   stacklevel=4)
     imp = jax.device_put(imp, sharding)
+  options = tuple(sorted(options.items()))
+  clusterer = _shard_local_clusterer
   try:
-    options_key = tuple(sorted(options.items()))
-    hash(options_key)
+    hash(options)
   except TypeError:  # an unhashable option value: compile this call on its own
-    options_key = None
-  run = (_shard_local_clusterer.__wrapped__ if options_key is None else _shard_local_clusterer)(
-      sharding, tuple(jnp.shape(leaf)), k, options_key or tuple(options.items()), group_size,
-      layout, imp is not None)
+    clusterer = _shard_local_clusterer.__wrapped__
+  run = clusterer(sharding, tuple(jnp.shape(leaf)), k, options, group_size, layout,
+                  imp is not None)
   book, idx = run(key, leaf) if imp is None else run(key, leaf, imp)
   return ClusteredArray(book, idx, stacked=layout.stacked)
 
