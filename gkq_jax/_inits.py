@@ -34,6 +34,9 @@ class InitInputs(NamedTuple):
 
 # Groups per vectorised step of the per-group starts: bounds their tables.
 _GROUP_BATCH = 4096
+# Entries of the per-group tables (DP costs, k-means++ candidates) of one
+# vectorised step: 4 MiB of float32, a fixed part of a device's working memory.
+TABLE_ENTRIES = 1 << 18
 
 
 def map_groups(fn, args, batch: int = _GROUP_BATCH):
@@ -151,7 +154,7 @@ def kmeans_plus_plus(s: InitInputs):
     return jax.lax.fori_loop(1, K, body, (c, d2))[0]
 
   w, _, pts = hist_lib.resample(s.hist, M)
-  return map_groups(one_group, (w, pts), batch=max(1, (1 << 22) // (M * trials)))
+  return map_groups(one_group, (w, pts), batch=max(1, TABLE_ENTRIES // (M * trials)))
 
 
 DP_BINS = 1024
@@ -308,7 +311,7 @@ def partition(hist, grid, k_active, K: int, coarse: int, levels: int, own_final)
     return jnp.where(w > 0, jnp.diff(S) / jnp.where(w > 0, w, 1.0), jnp.nan)
 
   # Groups per vectorised step: the full DP's (coarse + 1)^2 tables bound it.
-  batch = max(1, min(_GROUP_BATCH, (1 << 22) // (coarse + 1) ** 2))
+  batch = max(1, min(_GROUP_BATCH, TABLE_ENTRIES // (coarse + 1) ** 2))
   return map_groups(one_group, (hist.base, hist.bins, k_active, grid, own_final), batch=batch)
 
 

@@ -93,11 +93,12 @@ def _weighted_medians(xc, h, cluster, num_segments):
   return jnp.where(found, xs[jnp.clip(first, 0, xs.shape[0] - 1)], 0.0), total > 0
 
 
-def data_update(plan, arrays, frame, x, h, c, objective, active):
-  """Centroids of the nearest-centroid partition: weighted means (l2) or medians (l1)."""
+def data_update(plan, arrays, frame, x, h, c, objective, active, axis_name=None):
+  """Centroids of the nearest-centroid partition: weighted means (l2) or medians
+  (l1; not for groups split over devices, ``axis_name``)."""
   G, K = c.shape
   if objective == "l2":
-    w, s = _rows.cluster_sums(plan, arrays, frame, x, h, c)
+    w, s = _rows.cluster_sums(plan, arrays, frame, x, h, c, axis_name)
     new = jnp.where(w > 0, s / jnp.where(w > 0, w, 1.0), c)
   else:  # the rarely used l1 refinement sorts all values once per step
     seg = jnp.repeat(jnp.arange(G), arrays.group_size, total_repeat_length=plan.num_values)
@@ -108,6 +109,6 @@ def data_update(plan, arrays, frame, x, h, c, objective, active):
   return _monotone(new, active)
 
 
-def data_lloyd(plan, arrays, frame, x, h, c, objective, active, max_iter, tol):
-  return iterate(lambda c: data_update(plan, arrays, frame, x, h, c, objective, active), c,
-                 active, frame.half_range, max_iter, tol)
+def data_lloyd(plan, arrays, frame, x, h, c, objective, active, max_iter, tol, axis_name=None):
+  return iterate(lambda c: data_update(plan, arrays, frame, x, h, c, objective, active,
+                                       axis_name), c, active, frame.half_range, max_iter, tol)

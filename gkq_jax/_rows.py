@@ -63,8 +63,9 @@ def _fold_chunks(fn, init, plan, arrays, x, h, uniform):
   return jax.lax.scan(body, init, _scan_inputs(plan, arrays))[0]
 
 
-def group_stats(plan: Plan, arrays: Arrays, x, h):
-  """Per-group (min, max, importance mass) of the real values."""
+def group_stats(plan: Plan, arrays: Arrays, x, h, axis_name=None):
+  """Per-group (min, max, importance mass) of the real values; with
+  ``axis_name`` (inside ``shard_map``), of the groups' parts on every device."""
   no_uniform = jnp.zeros((plan.num_groups,), bool)
 
   def row_stats(c):
@@ -73,13 +74,19 @@ def group_stats(plan: Plan, arrays: Arrays, x, h):
   lo, hi, mass = (a.reshape(-1) for a in _map_chunks(row_stats, plan, arrays, x, h, no_uniform))
   G = plan.num_groups + 1
   seg = dict(segment_ids=arrays.row_group, num_segments=G, indices_are_sorted=True)
-  return (jax.ops.segment_min(lo, **seg)[:-1], jax.ops.segment_max(hi, **seg)[:-1],
-          jax.ops.segment_sum(mass, **seg)[:-1])
+  lo, hi, mass = (jax.ops.segment_min(lo, **seg)[:-1], jax.ops.segment_max(hi, **seg)[:-1],
+                  jax.ops.segment_sum(mass, **seg)[:-1])
+  if axis_name is None:
+    return lo, hi, mass
+  return (jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name),
+          jax.lax.psum(mass, axis_name))
 
 
-def histogram(plan: Plan, arrays: Arrays, frame: hist_lib.Frame, x, h):
+def histogram(plan: Plan, arrays: Arrays, frame: hist_lib.Frame, x, h, axis_name=None):
   """Every group's histogram: the flat (total_bins, 2) buffer of (mass, first
-  moment) filled by one scatter per chunk, and its running sums."""
+  moment) filled by one scatter per chunk, and its running sums. With
+  ``axis_name``, the buffers of the groups' parts on every device summed: a
+  histogram crosses devices, never the values."""
   center, half = _pad(frame.center, 0.0), _pad(frame.half_range, 0.0)
   bins = _pad(arrays.bins, 1)
   scale = hist_lib.bin_scale(half, bins)
@@ -94,6 +101,8 @@ def histogram(plan: Plan, arrays: Arrays, frame: hist_lib.Frame, x, h):
 
   flat = _fold_chunks(add, jnp.zeros((plan.total_bins, 2), jnp.float32), plan, arrays, x, h,
                       frame.uniform)
+  if axis_name is not None:
+    flat = jax.lax.psum(flat, axis_name)
   return hist_lib.make_histogram(flat, arrays.hist_base, arrays.bins, frame.half_range,
                                  arrays.first_tile)
 
@@ -136,9 +145,10 @@ def assign(plan: Plan, arrays: Arrays, frame: hist_lib.Frame, x, h, c):
   return a[:plan.num_values]
 
 
-def cluster_sums(plan: Plan, arrays: Arrays, frame: hist_lib.Frame, x, h, c):
+def cluster_sums(plan: Plan, arrays: Arrays, frame: hist_lib.Frame, x, h, c, axis_name=None):
   """(G, K) importance mass and first moment (relative to the centre) of the
-  values nearest to each centroid: one Lloyd update's statistics."""
+  values nearest to each centroid: one Lloyd update's statistics (with
+  ``axis_name``, summed over the groups' parts on every device)."""
   G, K = c.shape
   center = _pad(frame.center, 0.0)
   mid = _pad(_midpoints(c), 0.0)
@@ -151,4 +161,6 @@ def cluster_sums(plan: Plan, arrays: Arrays, frame: hist_lib.Frame, x, h, c):
 
   sums = _fold_chunks(add, jnp.zeros(((G + 1) * K, 2), jnp.float32), plan, arrays, x, h,
                       frame.uniform)
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
   return sums[:G * K, 0].reshape(G, K), sums[:G * K, 1].reshape(G, K)

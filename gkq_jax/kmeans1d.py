@@ -45,10 +45,14 @@ MIN_BINS = 16
 @functools.partial(
     jax.jit,
     static_argnames=("plan", "K", "method", "init", "objective", "max_iter", "tol",
-                     "exact_bins", "refine_iters", "exact_max_points", "small_widths"))
+                     "exact_bins", "refine_iters", "exact_max_points", "small_widths",
+                     "axis_name"))
 def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, *, plan, K, method, init, objective,
-                    max_iter, tol, exact_bins, refine_iters, exact_max_points, small_widths):
-  lo, hi, mass = _rows.group_stats(plan, arrays, x, h)
+                    max_iter, tol, exact_bins, refine_iters, exact_max_points, small_widths,
+                    axis_name=None):
+  # axis_name: inside shard_map, every group's values are split over the devices of
+  # that mesh axis; their stats, histograms and Lloyd sums are summed across them.
+  lo, hi, mass = _rows.group_stats(plan, arrays, x, h, axis_name)
   # A group whose importance is all zero is clustered with uniform weights.
   frame = hist_lib.Frame((lo + hi) / 2, (hi - lo) / 2, mass <= 0)
   active = jnp.arange(K)[None, :] < k_active[:, None]
@@ -62,7 +66,7 @@ def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, *, plan, K, method
     c = jnp.where(active, c, jnp.inf)
   else:
     k_init, _ = jax.random.split(key)
-    hist = _rows.histogram(plan, arrays, frame, x, h)
+    hist = _rows.histogram(plan, arrays, frame, x, h, axis_name)
     inputs = _inits.InitInputs(hist, k_active, K, plan.max_bins, k_init, objective, x,
                                arrays.group_start, arrays.group_size, frame.center)
     c = _inits.start(init, inputs, active)
@@ -75,7 +79,8 @@ def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, *, plan, K, method
 
   lloyd_iters = max_iter if method == "lloyd" else refine_iters
   lloyd_tol = tol if method == "lloyd" else 0.0
-  c = _lloyd.data_lloyd(plan, arrays, frame, x, h, c, objective, active, lloyd_iters, lloyd_tol)
+  c = _lloyd.data_lloyd(plan, arrays, frame, x, h, c, objective, active, lloyd_iters, lloyd_tol,
+                        axis_name)
   a = _rows.assign(plan, arrays, frame, x, h, c)
   # Pad inactive slots with the largest active centroid: a group never holds
   # more distinct values than it asked for, and nothing is infinite.
@@ -113,7 +118,7 @@ def _exact_small(c, x, h, frame, arrays, small, width, k_active, K):
     mass = jnp.diff(W)
     return jnp.where(mass > 0, jnp.diff(S) / jnp.where(mass > 0, mass, 1.0), jnp.nan)
 
-  batch = max(1, (1 << 22) // (width + 1) ** 2)
+  batch = max(1, _inits.TABLE_ENTRIES // (width + 1) ** 2)
   start = _inits.map_groups(one_group, (small, k_active[small]), batch=batch)
   active = jnp.arange(K)[None, :] < k_active[small][:, None]
   start = jnp.where(active, _inits.fill_empty(start), jnp.inf)

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from gkq_jax import _distinct, _vectors, allocation
+from gkq_jax import _distinct, _split_groups, _vectors, allocation
 from gkq_jax import rules as rules_lib
 from gkq_jax import sharding as sharding_lib
 from gkq_jax._clustering import (
@@ -195,7 +195,7 @@ def quantize(params: Any, importance: Any = None,
     _check_group_divides(paths[i], jnp.shape(leaves[i]), group_size, layouts[i])
   key = jax.random.PRNGKey(0) if key is None else key
   out = list(leaves)
-  split = _channel_split_leaves(granularity, chosen, paths, leaves, masks, layouts)
+  split = _split_leaves(granularity, chosen, paths, leaves, masks, layouts)
   kept = {}
   if sparse_fraction > 0:
     if split:
@@ -207,8 +207,8 @@ def quantize(params: Any, importance: Any = None,
                             sparse_fraction, sparse_by, sparse_scope)
     kept = dict(zip(chosen, kept))
   for i in split:
-    out[i] = _cluster_channels_shard_by_shard(paths[i], leaves[i], imps[i], ks[i], key,
-                                              cluster_options, group_size, layouts[i])
+    out[i] = _cluster_where_it_lies(paths[i], leaves[i], imps[i], ks[i], key, cluster_options,
+                                    group_size, layouts[i], granularity)
   here = [i for i in chosen if i not in split]  # all in one compiled call
   if granularity in _vectors.VECTOR_LAYOUTS:
     for n, i in enumerate(here):
@@ -329,7 +329,9 @@ def _scalar_layout(shape, mask, granularity, group_size=None, layout=LeafAxes(),
 
 def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, options,
                      group_size=None, leaf_axes=None, kept=None):
-  arrays = [jnp.asarray(x, jnp.float32) for x in leaves]
+  # Converted to float32 after the gather below, not before: a bfloat16 leaf
+  # then never has a whole float32 copy (a block of channels at a time does).
+  arrays = [jnp.asarray(x) for x in leaves]
   pinned = [m is not None and not bool(np.all(np.asarray(m))) for m in masks]
   leaf_axes = leaf_axes or [LeafAxes()] * len(arrays)
   kept = kept or [None] * len(arrays)
@@ -346,7 +348,8 @@ def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, o
     own_k = _combined_budget([a.size for a in arrays], own_k, budget)
   if min(own_k) < 1:
     raise ValueError("a pruned parameter needs at least 2 clusters (zero + one value).")
-  x = jnp.concatenate([a.reshape(-1)[pos] for a, (pos, _, _) in zip(arrays, layouts)])
+  x = jnp.concatenate([a.reshape(-1)[pos].astype(jnp.float32)
+                       for a, (pos, _, _) in zip(arrays, layouts)])
   h = None
   if any(w is not None for w in imps):
     h = jnp.concatenate([jnp.ones(pos.size, jnp.float32) if w is None
@@ -378,27 +381,31 @@ def _cluster_scalars(leaves, imps, ks, masks, paths, granularity, budget, key, o
   return out
 
 
-def _channel_split_leaves(granularity, chosen, paths, leaves, masks, layouts) -> list[int]:
-  """The chosen leaves sharded along their output channels, which are clustered
-  per channel shard by shard (:mod:`gkq_jax.sharding`)."""
+def _split_leaves(granularity, chosen, paths, leaves, masks, layouts) -> list[int]:
+  """The chosen leaves sharded over devices, clustered where they lie
+  (:mod:`gkq_jax.sharding`): per channel shard by shard where the output
+  channels are split, per layer by histograms summed over the devices."""
   found = []
   for i in chosen:
     sharding = sharding_lib.named_sharding(leaves[i])
     if sharding is None:
       continue
-    if granularity != "channel":
+    if granularity not in ("channel", "layer"):
       raise ValueError(
           f"{paths[i]} is sharded over {sharding.mesh.size} devices "
           f"({sharding.spec}); granularity={granularity!r} would gather it onto one device. "
           "Use granularity='channel' (clustered shard by shard where the output channels "
-          "are split), or pass it unsharded.")
-    names = sharding_lib.channel_split(paths[i], jnp.shape(leaves[i]), sharding,
-                                       layouts[i].stacked, layouts[i].channels)
-    if names is None:
+          "are split) or 'layer' (histograms summed over devices), or pass it unsharded.")
+    shape = jnp.shape(leaves[i])
+    if granularity == "layer":
+      sharding_lib.split_axes(paths[i], shape, sharding, layouts[i].stacked)
+    elif sharding_lib.channel_split(paths[i], shape, sharding, layouts[i].stacked,
+                                    layouts[i].channels) is None:
       raise ValueError(
           f"{paths[i]} is split over devices along axes other than its output channels "
           f"({sharding.spec}); per-channel clustering runs shard by shard only on weights split "
-          "along their (first) output-channel axis: reshard it, e.g. to P(None, ..., 'model').")
+          "along their (first) output-channel axis: reshard it, e.g. to P(None, ..., 'model'), "
+          "or use granularity='layer'.")
     if masks[i] is not None and not bool(np.all(np.asarray(masks[i]))):
       raise ValueError(f"{paths[i]}: pruning masks of sharded weights are not supported; "
                        "prune before sharding, or quantize it without masks.")
@@ -406,10 +413,11 @@ def _channel_split_leaves(granularity, chosen, paths, leaves, masks, layouts) ->
   return found
 
 
-def _cluster_channels_shard_by_shard(path, leaf, imp, k, key, options, group_size, layout):
-  """Per-channel clustering of a channel-split leaf, each device its own channels."""
+def _cluster_where_it_lies(path, leaf, imp, k, key, options, group_size, layout, granularity):
+  """A sharded leaf clustered by the devices that hold it (per channel or per layer)."""
   sharding = sharding_lib.named_sharding(leaf)
-  sharding_lib.channel_split(path, jnp.shape(leaf), sharding, layout.stacked, layout.channels)
+  if granularity == "layer":
+    _split_groups.check_options(path, k, options)
   if imp is not None and sharding_lib.named_sharding(imp) != sharding:
     warnings.warn(f"quantize: the importance of {path} is not sharded like the weight "
                   f"({getattr(imp, 'sharding', None)} vs {sharding}); resharding it.",
@@ -422,30 +430,105 @@ def _cluster_channels_shard_by_shard(path, leaf, imp, k, key, options, group_siz
   except TypeError:  # an unhashable option value: compile this call on its own
     clusterer = _shard_local_clusterer.__wrapped__
   run = clusterer(sharding, tuple(jnp.shape(leaf)), k, options, group_size, layout,
-                  imp is not None)
+                  imp is not None, granularity)
   book, idx = run(key, leaf) if imp is None else run(key, leaf, imp)
   return ClusteredArray(book, idx, stacked=layout.stacked)
 
 
 @functools.lru_cache(maxsize=64)
-def _shard_local_clusterer(sharding, shape, k, options, group_size, layout, weighted):
-  """The jitted shard_map that clusters a leaf's channels device by device,
-  made once per (sharding, shape, settings): quantize is often called again on
-  the same model (re-clustering during training) and would otherwise compile
-  it every call."""
+def _shard_local_clusterer(sharding, shape, k, options, group_size, layout, weighted,
+                           granularity):
+  """The jitted shard_map that clusters a leaf where it lies, made once per
+  (sharding, shape, settings): quantize is often called again on the same
+  model (re-clustering during training) and would otherwise compile it every
+  call. Per channel, each device clusters its own channels; per layer, each
+  layer's histograms and sums are summed over the devices holding its parts."""
+  spec = sharding.spec
+  in_specs = (P(),) + (spec,) * (2 if weighted else 1)
+  if granularity == "layer":
+    names = sharding_lib.split_axes("leaf", shape, sharding, layout.stacked)
+    parts = sharding_lib.axis_size(sharding.mesh, names)
+    layers, _, _ = _matrix(shape, layout, "layer")
+    group = int(np.prod(shape)) // layers
+
+    def split(key, w, h=None):
+      x = jnp.asarray(w, jnp.float32).reshape(-1)
+      h = None if h is None else h.reshape(-1)
+      result = _split_groups.split_grouped_kmeans_1d(
+          x, h, (group // parts,) * layers, (group,) * layers, k, axis_name=names, key=key,
+          **dict(options))
+      book = result.centroids.reshape(((1,) if layers == 1 else (layers, 1)) + (k,))
+      return book, result.assignments.reshape(w.shape).astype(index_dtype(k))
+
+    def gathered(key, w, h=None):
+      whole = lambda a: None if a is None else sharding_lib.gather(a, spec)
+      [q] = _cluster_scalars([whole(w)], [whole(h)], [k], [None], ["leaf"], "layer", None, key,
+                             dict(options), None, [layout])
+      return q.codebook, sharding_lib.own_part(q.indices, spec)
+
+    # Layers of at most exact_up_to values take the exact DP over their sorted
+    # values, as on one device: such a leaf is small, gathered and clustered whole.
+    local = gathered if _split_groups.takes_exact_dp(group, options) else split
+    return sharding_lib.shard_local(local, sharding, in_specs, (P(), spec))
+
   names = sharding_lib.channel_split("leaf", shape, sharding, layout.stacked, layout.channels)
   layers, fan_in, _ = _matrix(shape, layout, "channel")
   rows = layers * (fan_in // group_size if group_size is not None else 1)
   book_spec = sharding_lib.codebook_spec(names, 2 if rows == 1 else 3)
-  spec = sharding.spec
+  local_shape = sharding.shard_shape(shape)
 
-  def local(key, w, h=None):
+  def cluster(key, w, h=None):
     [q] = _cluster_scalars([w], [h], [k], [None], ["leaf"], "channel", None, key, dict(options),
                            group_size, [layout])
     return q.codebook, q.indices
 
-  in_specs = (P(),) + (spec,) * (2 if weighted else 1)
-  return sharding_lib.shard_local(local, sharding, in_specs, (book_spec, spec))
+  blocks = channel_blocks(local_shape, layout)
+  local = cluster if blocks == 1 else in_channel_blocks(cluster, blocks, local_shape, layout,
+                                                         rows, k)
+  return sharding_lib.shard_local(local, sharding, in_specs, (book_spec, spec),
+                                  in_blocks=blocks > 1)
+
+
+# A device clusters its channels in about this many blocks, one after another, so
+# that its working memory is one block's (the grouped clusterer's temporaries
+# are several times the values they cluster), but no block under this size.
+_CHANNEL_BLOCKS = 32
+_MIN_BLOCK_VALUES = 1 << 16
+
+
+def channel_blocks(shape, layout: LeafAxes) -> int:
+  """How many blocks of (first-axis) output channels a leaf of ``shape`` is
+  clustered in: a divisor of that axis, at least min(32, values / 2^16)."""
+  first = len(shape) - layout.channels
+  want = min(_CHANNEL_BLOCKS, int(np.prod(shape)) // _MIN_BLOCK_VALUES, shape[first])
+  if want <= 1:
+    return 1
+  return next(d for d in range(want, shape[first] + 1) if shape[first] % d == 0)
+
+
+def in_channel_blocks(cluster, blocks: int, shape, layout: LeafAxes, rows: int, k: int):
+  """``cluster(key, w, h) -> (codebook, indices)`` run on ``blocks`` slices of
+  the output channels one at a time. Each channel's codebook is the one it
+  gets alone, so the result is the same as in one call, bit for bit."""
+  first = len(shape) - layout.channels
+  size = shape[first] // blocks
+  channels = size * int(np.prod(shape[first + 1:]))
+  book_axis = 0 if rows == 1 else 1
+
+  def run(key, w, h=None):
+    part = lambda a, i: None if a is None else jax.lax.dynamic_slice_in_dim(a, i * size, size,
+                                                                             first)
+
+    def body(i, out):
+      book, idx = cluster(key, part(w, i), part(h, i))
+      return (jax.lax.dynamic_update_slice_in_dim(out[0], book, i * channels, book_axis),
+              jax.lax.dynamic_update_slice_in_dim(out[1], idx, i * size, first))
+
+    book_shape = ((rows,) if rows > 1 else ()) + (channels * blocks, k)
+    out = (jnp.zeros(book_shape, jnp.float32), jnp.zeros(shape, index_dtype(k)))
+    return jax.lax.fori_loop(0, blocks, body, out)
+
+  return run
 
 
 def _cluster_vectors(path, leaf, imp, k, key, options, layout="vector"):

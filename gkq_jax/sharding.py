@@ -42,7 +42,7 @@ def _spec(sharding: NamedSharding, ndim: int) -> tuple:
   return spec + (None,) * (ndim - len(spec))
 
 
-def _axis_size(mesh, names) -> int:
+def axis_size(mesh, names) -> int:
   names = names if isinstance(names, tuple) else (names,)
   return math.prod(mesh.shape[n] for n in names)
 
@@ -63,22 +63,73 @@ def channel_split(name: str, shape: tuple, sharding: NamedSharding, stacked: int
   if outside or spec[first] is None:
     return None
   names = spec[first]
-  if shape[first] % _axis_size(sharding.mesh, names):
+  if shape[first] % axis_size(sharding.mesh, names):
     raise ValueError(f"{name}: its channel axis of {shape[first]} does not split evenly over "
-                     f"mesh axis {names!r} of {_axis_size(sharding.mesh, names)} devices; "
+                     f"mesh axis {names!r} of {axis_size(sharding.mesh, names)} devices; "
                      "pad the layer's features to a multiple or shard it on another mesh axis.")
   return names
 
 
-def shard_local(fn: Callable, sharding: NamedSharding, in_specs, out_specs) -> Callable:
+def split_axes(name: str, shape: tuple, sharding: NamedSharding, stacked: int) -> tuple:
+  """The mesh axes splitting a leaf that is clustered per layer where it lies
+  (its histograms are summed over them); its stacked layer axes must be whole
+  on every device, and every split must be even."""
+  spec = _spec(sharding, len(shape))
+  for i, names in enumerate(spec):
+    if names is None:
+      continue
+    if i < stacked:
+      raise ValueError(f"{name}: its stacked layer axis {i} is split over mesh axis {names!r}; "
+                       "per-layer clustering sums each layer's histogram over the devices "
+                       "that hold its weights. Shard it along its weight axes instead (e.g. "
+                       "P(None, ..., 'model')) or use granularity='channel'.")
+    if shape[i] % axis_size(sharding.mesh, names):
+      raise ValueError(f"{name}: its axis {i} of {shape[i]} does not split evenly over mesh "
+                       f"axis {names!r} of {axis_size(sharding.mesh, names)} devices; pad it "
+                       "to a multiple or shard it on another mesh axis.")
+  flat = []
+  for names in spec:
+    if names is not None:
+      flat.extend(names if isinstance(names, tuple) else (names,))
+  return tuple(flat)
+
+
+def gather(x, spec):
+  """Inside shard_map: the whole array of which ``x`` is this device's part."""
+  for axis, names in enumerate(spec):
+    if names is not None:
+      x = jax.lax.all_gather(x, names, axis=axis, tiled=True)
+  return x
+
+
+def own_part(x, spec):
+  """Inside shard_map: this device's part of a whole array ``x`` split by ``spec``."""
+  for axis, names in enumerate(spec):
+    if names is not None:
+      size = x.shape[axis] // axis_size_in_map(names)
+      x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(names) * size, size, axis)
+  return x
+
+
+def axis_size_in_map(names) -> int:
+  """Inside shard_map: the number of devices along mesh axis (or axes) ``names``."""
+  return jax.lax.psum(1, names)
+
+
+def shard_local(fn: Callable, sharding: NamedSharding, in_specs, out_specs, *,
+                in_blocks: bool = False) -> Callable:
   """``fn`` run by every device on its own shards (``jax.shard_map``), jitted.
 
   The per-group clusterer's loops carry values that differ per device, which
   shard_map's replication check would reject although nothing is reduced
-  across devices; hence ``check_vma=False``.
+  across devices; hence ``check_vma=False``. ``in_blocks``: ``fn`` loops over
+  blocks of its inputs to bound its working memory, so XLA must not hoist a
+  conversion of a whole input out of that loop (its loop-invariant code
+  motion turns a bfloat16 weight into a float32 copy of it ahead of the loop).
   """
-  return jax.jit(jax.shard_map(fn, mesh=sharding.mesh, in_specs=in_specs,
-                               out_specs=out_specs, check_vma=False))
+  options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if in_blocks else None
+  return jax.jit(jax.shard_map(fn, mesh=sharding.mesh, in_specs=in_specs, out_specs=out_specs,
+                               check_vma=False), compiler_options=options)
 
 
 def codebook_spec(names, ndim: int) -> P:

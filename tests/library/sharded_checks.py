@@ -108,8 +108,70 @@ def main():
   out["per_channel_equal"] = equal(one, many)
   out["per_channel_specs"] = specs(many)
   out["weight_shard_bytes"] = weight_bytes
+  out.update(per_layer())
+  out.update(in_blocks())
   out.update(bad_input())
   print(json.dumps(out))
+
+
+def in_blocks() -> dict:
+  """Per-channel clustering of a device's channels block by block (as large shards
+  are, to bound memory), forced here on small ones: still one device's result."""
+  quantize_lib = sys.modules["gkq_jax.quantize"]
+  saved = quantize_lib._MIN_BLOCK_VALUES
+  quantize_lib._MIN_BLOCK_VALUES = 64
+  quantize_lib._shard_local_clusterer.cache_clear()
+  found = {"blocks": [quantize_lib.channel_blocks((96, 16), gkq.LeafAxes()),
+                      quantize_lib.channel_blocks((32, 2, 16), gkq.LeafAxes(channels=2))]}
+  try:
+    for group_size in (None, 16):
+      one = gkq.quantize(PARAMS, IMPORTANCE, RULES, granularity="channel", group_size=group_size)
+      many = gkq.quantize(shard(PARAMS), shard(IMPORTANCE), RULES, granularity="channel",
+                          group_size=group_size)
+      found[f"blocks_gs{group_size}_equal"] = equal(one, many)
+      found[f"blocks_gs{group_size}_specs"] = specs(many)
+  finally:
+    quantize_lib._MIN_BLOCK_VALUES = saved
+    quantize_lib._shard_local_clusterer.cache_clear()
+  return found
+
+
+def per_layer() -> dict:
+  """Per-layer codebooks of sharded leaves: histograms summed over the devices."""
+  found = {}
+  grid = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+  rules = RULES[:1] + [gkq.bits_rule("q/kernel", 3, stacked_axes=1)]
+  layouts = {"split": SPECS, "grid": {"mlp": {"kernel": P("data", "model")},
+                                      "q": {"kernel": P(None, ("data", "model"), None)}}}
+  one = gkq.quantize(PARAMS, IMPORTANCE, rules)
+  for name, tree_specs in layouts.items():
+    mesh_ = mesh if name == "split" else grid
+    put = lambda tree: jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh_, s)),
+                                    tree, tree_specs)
+    sp, si = put(PARAMS), put(IMPORTANCE)
+    many = gkq.quantize(sp, si, rules)
+    found[f"layer_{name}/specs"] = specs(many)
+    found[f"layer_{name}/codebook_difference"] = max(
+        float(np.max(np.abs(np.asarray(a.codebook) - np.asarray(b.codebook))))
+        for a, b in zip(jax.tree.leaves(one, is_leaf=gkq.is_clustered),
+                        jax.tree.leaves(many, is_leaf=gkq.is_clustered)))
+    found[f"layer_{name}/indices_differing"] = sum(
+        int(np.sum(np.asarray(a.indices) != np.asarray(b.indices)))
+        for a, b in zip(jax.tree.leaves(one, is_leaf=gkq.is_clustered),
+                        jax.tree.leaves(many, is_leaf=gkq.is_clustered)))
+    # q's layers hold 128 values each: the exact DP over them, as on one device.
+    found[f"layer_{name}/small_layers_equal"] = equal(one["q"], many["q"])
+    quantize_lib = sys.modules["gkq_jax.quantize"]
+    run = quantize_lib._shard_local_clusterer(
+        sp["mlp"]["kernel"].sharding, (96, 64), 8, (), None, gkq.LeafAxes(), True, "layer")
+    found[f"layer_{name}/gathers"] = gathers(run, jax.random.PRNGKey(0), sp["mlp"]["kernel"],
+                                             si["mlp"]["kernel"])
+  # A layer of at most K distinct values gets them exactly, gathered from every device.
+  few = jnp.asarray(rng.choice([-0.5, 0.25, 0.3, 1.0], (96, 64)), jnp.float32)
+  q = gkq.quantize({"w": jax.device_put(few, NamedSharding(mesh, P(None, "model")))}, None,
+                   [gkq.bits_rule("w", 3)])
+  found["layer_lossless"] = bool(np.array_equal(np.asarray(gkq.dequantize(q)["w"]), few))
+  return found
 
 
 def _error(fn) -> str:
@@ -132,7 +194,11 @@ def bad_input() -> dict:
           "w", (96, 66), NamedSharding(mesh, P(None, "model")), 0, 1)),
       "rows_error": _error(lambda: gkq.quantize({"w": rows}, None, rules,
                                                 granularity="channel")),
-      "layer_error": _error(lambda: gkq.quantize({"w": split}, None, rules)),
+      "model_error": _error(lambda: gkq.quantize({"w": split}, None, rules,
+                                                 granularity="model")),
+      "layer_init_error": _error(lambda: gkq.quantize({"w": split}, None, rules,
+                                                      init="kmeans++")),
+      "layer_l1_error": _error(lambda: gkq.quantize({"w": split}, None, rules, objective="l1")),
   }
   import warnings
   with warnings.catch_warnings(record=True) as caught:

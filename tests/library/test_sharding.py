@@ -63,10 +63,39 @@ def test_importance_and_cluster_per_channel_follow_the_weights(findings):
                                            ".indices": "P(None, 'model')"}
 
 
+def test_channels_clustered_block_by_block_equal_one_device(findings):
+  # Large shards are clustered a block of channels at a time (bounded memory);
+  # forced on these small ones: 16 blocks of mlp's 16 channels, 2 of q's.
+  assert findings["blocks"] == [16, 2]
+  for tag in ("gsNone", "gs16"):
+    assert findings[f"blocks_{tag}_equal"], tag
+    assert findings[f"blocks_{tag}_specs"] == findings[f"{tag}/quantize_specs"]
+
+
+@pytest.mark.parametrize("layout", ["split", "grid"])
+def test_per_layer_codebooks_sum_histograms_across_devices(findings, layout):
+  # Split along the channels on 4 devices, or along both axes of a 2 x 2 mesh:
+  # the same codebooks as one device up to the order of float32 sums, the same
+  # indices, which stay where their weights are.
+  assert findings[f"layer_{layout}/codebook_difference"] < 1e-5
+  assert findings[f"layer_{layout}/indices_differing"] == 0
+  # Layers small enough for the exact DP are gathered and clustered whole: bit for bit.
+  assert findings[f"layer_{layout}/small_layers_equal"]
+  specs = findings[f"layer_{layout}/specs"]
+  assert specs["['mlp']['kernel'].codebook"] == "P()"
+  assert specs["['mlp']['kernel'].indices"] == ("P(None, 'model')" if layout == "split"
+                                                else "P('data', 'model')")
+  # Only the devices' distinct values of the lossless check cross (8 per device).
+  assert all(size <= 4 * 8 * 4 for size in findings[f"layer_{layout}/gathers"])
+  assert findings["layer_lossless"]
+
+
 def test_shardings_it_cannot_follow_are_named(findings):
   assert "channel axis of 66 does not split evenly" in findings["uneven_error"]
   assert "along axes other than its output channels" in findings["rows_error"]
-  assert "would gather it onto one device" in findings["layer_error"]
+  assert "would gather it onto one device" in findings["model_error"]
+  assert "init='kmeans++' draws its start from the values" in findings["layer_init_error"]
+  assert "objective='l1' needs weighted medians" in findings["layer_l1_error"]
   assert "importance of w is not sharded like the weight" in findings["resharded_warning"]
   assert findings["resharded_spec"] == "P(None, 'model')"
 
