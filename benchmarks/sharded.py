@@ -1,7 +1,7 @@
-"""Per-channel compression where sharded weights lie: a Llama-2-7B-shaped layer on 1..8 devices.
+"""Compression where sharded weights lie: a Llama-2-7B-shaped layer on 1..8 devices.
 
     python benchmarks/sharded.py [--scale 1.0] [--devices 1,2,4,8] [--dtype bfloat16]
-                                 [--json results/sharded_scale.json]
+                                 [--granularity channel|layer] [--json results/sharded_scale.json]
 
 One decoder layer of Llama-2-7B's shapes (q, k, v, o: 4096 x 4096; gate, up:
 4096 x 11008; down: 11008 x 4096, stored (inputs, outputs) as Flax kernels;
@@ -12,7 +12,9 @@ its importance are sharded ``NamedSharding(mesh, P(None, "model"))``: each
 device holds a contiguous block of output channels. ``gkq.quantize(params,
 importance, [gkq.bits_rule(".", 4)], granularity="channel")`` gives every
 output channel its own codebook of K = 16 values, each device clustering the
-channels it holds (:mod:`gkq_jax.sharding`).
+channels it holds (:mod:`gkq_jax.sharding`); ``--granularity layer`` one
+codebook per matrix, from histograms and sums added over the devices (equal to
+one device's up to the order of those float32 sums).
 
 The device count must be fixed before JAX starts
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``), so the script runs
@@ -20,23 +22,23 @@ itself once per count in a fresh process (``--child N``) and compares.
 Figures per device count:
 
 * quantize s: wall time of one ``gkq.quantize`` call on the layer, the first
-  in the process, so compilation is included (every call compiles again: the
-  shard-local program is a fresh ``jax.jit`` per leaf and call). With one
-  device the mesh is a single device, so quantize takes its unsharded path
-  (all seven matrices in one compiled call); with more, one shard_map program
-  per matrix.
+  in the process, so compilation is included (a later call on the same
+  shapes reuses the compiled shard-local programs). With one device the mesh
+  is a single device, so quantize takes its unsharded path (all seven
+  matrices in one compiled call); with more, one shard_map program per matrix
+  shape.
 * run s: the shard-local programs alone, compiled beforehand, over the seven
   matrices (what a warm call would cost without compiling).
-* memory: the shard-local program lowered here as quantize lowers it
-  (``gkq_jax.sharding.shard_local``: ``jit(shard_map(fn))`` with the weight's
-  spec in, the codebook's and indices' specs out; ``fn`` is ``gkq.quantize``
-  of the one matrix, which under the trace clusters the device's block like
-  quantize's own shard-local function), its ``memory_analysis()`` per device:
-  argument + output + temp bytes, for the largest matrix, and that over the
-  device's shard of the matrix's weight + importance (argument bytes).
-  "layer peak" adds, as quantize runs the matrices one after another, the
-  whole layer's shard of weights and importance, every matrix's codebooks and
-  indices, and the largest temp, over the layer's shard.
+* memory: quantize's own shard-local program of each matrix shape (the
+  compiled ``jit(shard_map(...))`` it runs; on one device the same program on
+  a one-device mesh, where quantize itself takes its unsharded path), its
+  ``memory_analysis()`` per device: argument + output + temp bytes, for the
+  largest matrix, and that over the device's shard of the matrix's weight +
+  importance (argument bytes). Per channel, a device clusters its channels a
+  block at a time (``gkq_jax.quantize.channel_blocks``), so the temp is one
+  block's. "layer peak" adds, as quantize runs the matrices one after another,
+  the whole layer's shard of weights and importance, every matrix's codebooks
+  and indices, and the largest temp, over the layer's shard.
 * equal to 1 device: the codebooks and indices of all seven matrices, byte for
   byte (sha-256 of ``np.asarray``), against the one-device run; the programs
   lowered here give the same arrays as quantize (checked too). Below
@@ -104,7 +106,6 @@ def child(args) -> dict:
 
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   import gkq_jax as gkq
-  from gkq_jax import sharding as sharding_lib
 
   devices = jax.devices()
   assert len(devices) == args.child, (len(devices), args.child)
@@ -120,22 +121,21 @@ def child(args) -> dict:
   jax.block_until_ready((params, importance))
 
   start = time.perf_counter()
-  q = gkq.quantize(params, importance, rules, granularity="channel")
+  q = gkq.quantize(params, importance, rules, granularity=args.granularity)
   jax.block_until_ready(q)
   seconds = time.perf_counter() - start
 
-  def local(w, h):  # one matrix's block on one device, clustered as quantize does it
-    [c] = jax.tree.leaves(gkq.quantize({"w": w}, {"w": h}, rules, granularity="channel"),
-                          is_leaf=lambda x: isinstance(x, gkq.ClusteredArray))
-    return c.codebook, c.indices
-
+  # quantize's own shard-local program of each shape (on one device too, where
+  # quantize itself takes its unsharded path), compiled here to read its memory.
+  quantize_lib = sys.modules["gkq_jax.quantize"]
+  key = jax.random.PRNGKey(0)
   programs, memory = {}, {}
   for name, w in params.items():
     if w.shape in programs:
       continue
-    run = sharding_lib.shard_local(local, sharding, (spec, spec),
-                                   (sharding_lib.codebook_spec("model", 2), spec))
-    compiled = run.lower(w, importance[name]).compile()
+    run = quantize_lib._shard_local_clusterer(sharding, w.shape, 2 ** BITS, (), None,
+                                              gkq.LeafAxes(), True, args.granularity)
+    compiled = run.lower(key, w, importance[name]).compile()
     stats = compiled.memory_analysis()
     programs[w.shape] = compiled
     memory[w.shape] = {"argument": stats.argument_size_in_bytes,
@@ -143,7 +143,7 @@ def child(args) -> dict:
                        "temp": stats.temp_size_in_bytes,
                        "alias": stats.alias_size_in_bytes}
   start = time.perf_counter()
-  mine = {name: programs[w.shape](w, importance[name]) for name, w in params.items()}
+  mine = {name: programs[w.shape](key, w, importance[name]) for name, w in params.items()}
   jax.block_until_ready(mine)
   run_seconds = time.perf_counter() - start
 
@@ -159,6 +159,8 @@ def child(args) -> dict:
     book, idx = q[name].codebook, q[name].indices
     hashes[name] = {"codebook": digest(book), "indices": digest(idx),
                     "codebook_shape": list(book.shape), "indices_dtype": str(idx.dtype)}
+    if args.granularity == "layer":  # 16 values a matrix: compared by value, not only hash
+      hashes[name]["values"] = np.asarray(book, np.float64).reshape(-1).tolist()
     same_as_quantize &= (digest(mine[name][0]) == hashes[name]["codebook"]
                          and digest(mine[name][1]) == hashes[name]["indices"])
 
@@ -195,7 +197,7 @@ def run_child(n: int, args) -> dict:
                       f" --xla_force_host_platform_device_count={n}").strip()
   env.setdefault("JAX_PLATFORMS", "cpu")
   cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--scale",
-         str(args.scale), "--dtype", args.dtype]
+         str(args.scale), "--dtype", args.dtype, "--granularity", args.granularity]
   done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
   return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -219,6 +221,12 @@ def table_rows(results: list[dict]) -> list[list]:
                 and r["hashes"][k]["indices"] == reference[k]["indices"] for k in reference)
     same = ("reference" if r is results[0] else
             ("yes" if equal == len(reference) else "no") + f" ({equal}/{len(reference)} matrices)")
+    if r is not results[0] and "values" in reference[next(iter(reference))]:
+      # Per layer the histograms add the devices' parts: float32 sums in another order.
+      same_idx = sum(r["hashes"][k]["indices"] == reference[k]["indices"] for k in reference)
+      drift = max(max(abs(a - b) for a, b in zip(r["hashes"][k]["values"],
+                                                  reference[k]["values"])) for k in reference)
+      same += f"; indices {same_idx}/{len(reference)}, codebooks within {drift:.1e}"
     rows.append([r["devices"], round(r["quantize_seconds"], 1), round(r["run_seconds"], 1),
                  round(mib(r["largest_memory"]["argument"]), 2),
                  round(mib(r["largest_peak_bytes"]), 2), round(r["largest_peak_ratio"], 2),
@@ -247,6 +255,9 @@ def main():
                       help="device counts, comma-separated; the first is the reference")
   parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                       help="the weights' dtype (importance is float32)")
+  parser.add_argument("--granularity", default="channel", choices=("channel", "layer"),
+                      help="a codebook per output channel (shard by shard) or per matrix "
+                      "(histograms summed over the devices)")
   parser.add_argument("--machine", default=None, help="the machine, for --json")
   parser.add_argument("--note", default="", help="a note for --json (how it was run)")
   parser.add_argument("--json", default=None, help="write a results/*.json summary here")
@@ -262,8 +273,9 @@ def main():
   total = sum(r * c for _, r, c in shapes)
   print(f"Llama-2-7B-shaped decoder layer x {args.scale}: "
         + ", ".join(f"{n} {r}x{c}" for n, r, c in shapes)
-        + f" ({total:,} weights, {args.dtype}; importance float32), K = {2 ** BITS} per output "
-        f"channel, sharded P(None, 'model'); {os.cpu_count()} CPUs\n", flush=True)
+        + f" ({total:,} weights, {args.dtype}; importance float32), K = {2 ** BITS} per "
+        f"{'output channel' if args.granularity == 'channel' else 'matrix'}, sharded "
+        f"P(None, 'model'); {os.cpu_count()} CPUs\n", flush=True)
   results = []
   for n in counts:
     start = time.perf_counter()
@@ -291,6 +303,7 @@ def main():
         "source": "written by benchmarks/sharded.py --json" + (f"; {args.note}" if args.note
                                                                 else ""),
         "config": {"scale": args.scale, "dtype": args.dtype, "bits": BITS,
+                   "granularity": args.granularity,
                    "clusters": 2 ** BITS, "devices": counts,
                    "shapes": {n: [r, c] for n, r, c in shapes}},
         "columns": COLUMNS,
