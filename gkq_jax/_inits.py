@@ -35,7 +35,7 @@ class InitInputs(NamedTuple):
 # Groups per vectorised step of the per-group starts: bounds their tables.
 _GROUP_BATCH = 4096
 # Entries of the per-group tables (DP costs, k-means++ candidates) of one
-# vectorised step: 4 MiB of float32, a fixed part of a device's working memory.
+# vectorised step: 1 MiB of float32, a fixed part of a device's working memory.
 TABLE_ENTRIES = 1 << 18
 
 

@@ -1,4 +1,4 @@
-"""Compression where sharded weights lie: per-channel work on each device's own channels.
+"""Compression where sharded weights lie: no weight gathered onto one device.
 
 A large model's kernels are sharded over a mesh of devices, typically along
 their output features (``NamedSharding(mesh, P(None, "model"))``). Per-channel
@@ -6,9 +6,15 @@ clustering needs nothing from other devices: every output channel is a group
 of its own, and a group's codebook is the one it gets alone. So
 :func:`gkq_jax.quantize` (``granularity="channel"``) and
 :func:`gkq_jax.cluster_per_channel` run such a leaf under ``shard_map``, each
-device clustering the channels it holds; the indices come back sharded like
-the weight and the codebooks along the same mesh axis, bit for bit what one
-device computes, and no weight-sized array crosses devices.
+device clustering the channels it holds (a block of them at a time); the
+indices come back sharded like the weight and the codebooks along the same
+mesh axis, bit for bit what one device computes.
+
+Per-layer clustering (``granularity="layer"``) of a leaf split along any axes
+adds, over the devices holding its parts, what the histogram clusterer needs:
+ranges, weighted histograms and per-cluster sums (:mod:`gkq_jax._split_groups`),
+never the values; the codebook is replicated, the indices stay where their
+weights are.
 
 The rest follows the arrays' shardings without gathering: dequantizing reads
 each channel's codebook along its own axis, and fine-tuning
