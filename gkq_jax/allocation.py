@@ -28,6 +28,7 @@ import numpy as np
 from gkq_jax import _distinct
 from gkq_jax import ecsq as ecsq_lib
 from gkq_jax import rules as rules_lib
+from gkq_jax import sharding as sharding_lib
 from gkq_jax._clustering import warn_unweighted
 from gkq_jax._histogram import group_ids
 from gkq_jax._paths import named_leaves
@@ -349,6 +350,15 @@ def quantize_to_budget(params: Any, importance: Any, rules: Sequence[rules_lib.C
     raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes}.")
   if min(clusters) < 2:
     raise ValueError(f"clusters must all be >= 2, got {tuple(clusters)}.")
+  for path, leaf in named_leaves(params):
+    sharding, rule = sharding_lib.named_sharding(leaf), rules_lib.rule_for(rules, path)
+    if sharding is not None and rule is not None and jnp.ndim(leaf) >= rule.min_ndim:
+      raise ValueError(
+          f"{path} is sharded over {sharding.mesh.size} devices ({sharding.spec}); the byte "
+          "budget's allocation compares candidate clusterings over all of a layer's values "
+          "in one place and would gather it onto one device. Quantize it where it lies "
+          "instead (quantize(..., granularity='layer' or 'channel') with bits per rule), or "
+          "pass the model unsharded.")
   problem = _Problem(params, importance, rules, masks, pin_zero,
                      room=max(max(clusters), ecsq_clusters, ecsq_lib.MAX_CELLS + 1))
   key = jax.random.PRNGKey(0) if key is None else key

@@ -199,6 +199,7 @@ def bad_input() -> dict:
       "layer_init_error": _error(lambda: gkq.quantize({"w": split}, None, rules,
                                                       init="kmeans++")),
       "layer_l1_error": _error(lambda: gkq.quantize({"w": split}, None, rules, objective="l1")),
+      "budget_error": _error(lambda: gkq.quantize({"w": split}, None, rules, budget_bytes=3000)),
   }
   import warnings
   with warnings.catch_warnings(record=True) as caught:

@@ -96,6 +96,7 @@ def test_shardings_it_cannot_follow_are_named(findings):
   assert "would gather it onto one device" in findings["model_error"]
   assert "init='kmeans++' draws its start from the values" in findings["layer_init_error"]
   assert "objective='l1' needs weighted medians" in findings["layer_l1_error"]
+  assert "would gather it onto one device" in findings["budget_error"]
   assert "importance of w is not sharded like the weight" in findings["resharded_warning"]
   assert findings["resharded_spec"] == "P(None, 'model')"
 
