@@ -118,8 +118,9 @@ def test_two_processes_compress_their_own_channels_and_write_them(tmp_path):
     host = json.loads(out.strip().splitlines()[-1])
     assert (host["processes"], host["devices"], host["local_channels"]) == (2, 2, [32])
     for check in ("indices", "codebook", "dequantize", "step", "file_indices", "file_codebook",
-                  "orbax_indices"):
+                  "orbax_indices", "layer_indices"):
       assert host[check] is True, check
+    assert host["layer_codebook_difference"] < 1e-5
     assert host["step_spec"] == host["file_spec"] == host["orbax_spec"] == "P(None, 'model')"
   assert (tmp_path / "file" / "process-00000.gkq").exists()
   assert (tmp_path / "file" / "process-00001.gkq").exists()

@@ -1,8 +1,9 @@
 """One of two processes of a jax.distributed job on localhost (run by
 tests/library/test_sharding.py): a kernel split by output channel across the
-two processes, compressed where it lies, fine-tuned one step, written as a
-sharded file set and as an orbax checkpoint, and read back; every result is
-compared, shard by shard, with what one device computes from the whole array.
+two processes, compressed where it lies (per channel and per layer), fine-tuned
+one step, written as a sharded file set and as an orbax checkpoint, and read
+back; every result is compared, shard by shard, with what one device computes
+from the whole array.
 
   python two_process_checks.py <process id> <port> <shared folder>
 """
@@ -71,6 +72,14 @@ after_one = jax.jit(lambda p, s, g: step(p, s, g, tx_one))(
 after_many = jax.jit(lambda p, s, g: step(p, s, g, tx_many))(
     dense, tx_many.init(dense), {"kernel": global_array(G)})
 out["step"] = same_shards(after_many["kernel"], after_one["kernel"])
+
+# Per layer: each process histograms its half, the histograms are summed across them.
+one_layer = gkq.quantize({"kernel": jnp.asarray(W)}, {"kernel": jnp.asarray(H)}, RULES)
+many_layer = gkq.quantize({"kernel": global_array(W)}, {"kernel": global_array(H)}, RULES)
+out["layer_indices"] = same_shards(many_layer["kernel"].indices, one_layer["kernel"].indices)
+mine = np.asarray(many_layer["kernel"].codebook.addressable_shards[0].data)
+out["layer_codebook_difference"] = float(np.max(np.abs(mine - np.asarray(
+    one_layer["kernel"].codebook))))
 out["step_spec"] = str(after_many["kernel"].sharding.spec)
 
 written = gkq.save_sharded(folder / "file", many)
