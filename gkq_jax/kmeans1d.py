@@ -47,7 +47,8 @@ MIN_BINS = 16
     static_argnames=("plan", "K", "method", "init", "objective", "max_iter", "tol",
                      "exact_bins", "refine_iters", "exact_max_points", "small_widths",
                      "axis_name"))
-def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, *, plan, K, method, init, objective,
+def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, rest=None, *, plan, K, method, init,
+                    objective,
                     max_iter, tol, exact_bins, refine_iters, exact_max_points, small_widths,
                     axis_name=None):
   # axis_name: inside shard_map, every group's values are split over the devices of
@@ -69,9 +70,15 @@ def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, *, plan, K, method
     hist = _rows.histogram(plan, arrays, frame, x, h, axis_name)
     inputs = _inits.InitInputs(hist, k_active, K, plan.max_bins, k_init, objective, x,
                                arrays.group_start, arrays.group_size, frame.center)
-    c = _inits.start(init, inputs, active)
-    if method == "hist":
-      c = _lloyd.hist_lloyd(c, hist, objective, active, plan.max_bins, max_iter, tol)
+    if rest is None:
+      c = _inits.start(init, inputs, active)
+      if method == "hist":
+        c = _lloyd.hist_lloyd(c, hist, objective, active, plan.max_bins, max_iter, tol)
+    else:  # the groups that take the exact DP below need no histogram start of their own
+      c = jnp.zeros((plan.num_groups, K), jnp.float32)
+      if rest.shape[0]:
+        c = c.at[rest].set(_start_some(init, method, inputs, active, rest, plan.max_bins,
+                                       max_iter, tol))
   if init == "dp" and objective == "l2" and method != "exact":  # the DP start, exact here
     for width, groups in zip(small_widths, small):
       c = _exact_small(c, x, h, frame, arrays, groups, width, k_active, K)
@@ -87,6 +94,18 @@ def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, *, plan, K, method
   last = jnp.take_along_axis(c, jnp.maximum(k_active - 1, 0)[:, None], axis=1)
   c = jnp.where(active, c, last)
   return Clustering(c + frame.center[:, None], a)
+
+
+def _start_some(init, method, inputs, active, groups, max_bins, max_iter, tol):
+  """The histogram start (and Lloyd on the histogram) of some groups only."""
+  hist = inputs.hist.take(groups)
+  part = inputs._replace(hist=hist, k_active=inputs.k_active[groups],
+                         start=inputs.start[groups], size=inputs.size[groups],
+                         center=inputs.center[groups])
+  c = _inits.start(init, part, active[groups])
+  if method == "hist":
+    c = _lloyd.hist_lloyd(c, hist, inputs.objective, active[groups], max_bins, max_iter, tol)
+  return c
 
 
 def _exact_small(c, x, h, frame, arrays, small, width, k_active, K):
@@ -285,8 +304,12 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
   sizes = np.asarray(group_sizes)
   tiny = np.flatnonzero(sizes <= k)
   small_widths, small = _small_buckets(sizes, k, exact_up_to)
+  rest = None
+  if small and init == "dp" and objective == "l2" and method != "exact":
+    rest = jnp.asarray(np.setdiff1d(np.arange(len(sizes)), np.concatenate(
+        [np.asarray(g) for g in small])), jnp.int32)
   out = _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key, arrays,
-                        jnp.asarray(tiny, jnp.int32), small, plan=plan, K=K, method=method,
+                        jnp.asarray(tiny, jnp.int32), small, rest, plan=plan, K=K, method=method,
                         init=init, objective=objective, max_iter=int(max_iter),
                         tol=float(tol), exact_bins=int(exact_bins),
                         refine_iters=int(refine_iters),
