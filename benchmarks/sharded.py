@@ -2,6 +2,7 @@
 
     python benchmarks/sharded.py [--scale 1.0] [--devices 1,2,4,8] [--dtype bfloat16]
                                  [--granularity channel|layer] [--json results/sharded_scale.json]
+    python benchmarks/sharded.py --scale 1.0 --memory-only   # compiled programs' memory only
 
 One decoder layer of Llama-2-7B's shapes (q, k, v, o: 4096 x 4096; gate, up:
 4096 x 11008; down: 11008 x 4096, stored (inputs, outputs) as Flax kernels;
@@ -114,6 +115,13 @@ def child(args) -> dict:
   sharding = NamedSharding(mesh, spec)
   rules = [gkq.bits_rule(".", BITS)]
   dtype = jnp.dtype(args.dtype)
+  if args.memory_only:  # the compiled programs only, from shapes: no arrays at all
+    params = {name: jax.ShapeDtypeStruct((r, c), dtype, sharding=sharding)
+              for name, r, c in matrices(args.scale)}
+    importance = {name: jax.ShapeDtypeStruct(w.shape, jnp.float32, sharding=sharding)
+                  for name, w in params.items()}
+    memory = program_memory(params, importance, sharding, args.granularity)[1]
+    return {"devices": len(devices), **peaks(params, importance, memory, len(devices))}
   host_w, host_h = make_layer(args.scale, dtype)
   params = {k: jax.device_put(v, sharding) for k, v in host_w.items()}
   importance = {k: jax.device_put(v, sharding) for k, v in host_h.items()}
@@ -125,23 +133,8 @@ def child(args) -> dict:
   jax.block_until_ready(q)
   seconds = time.perf_counter() - start
 
-  # quantize's own shard-local program of each shape (on one device too, where
-  # quantize itself takes its unsharded path), compiled here to read its memory.
-  quantize_lib = sys.modules["gkq_jax.quantize"]
+  programs, memory = program_memory(params, importance, sharding, args.granularity)
   key = jax.random.PRNGKey(0)
-  programs, memory = {}, {}
-  for name, w in params.items():
-    if w.shape in programs:
-      continue
-    run = quantize_lib._shard_local_clusterer(sharding, w.shape, 2 ** BITS, (), None,
-                                              gkq.LeafAxes(), True, args.granularity)
-    compiled = run.lower(key, w, importance[name]).compile()
-    stats = compiled.memory_analysis()
-    programs[w.shape] = compiled
-    memory[w.shape] = {"argument": stats.argument_size_in_bytes,
-                       "output": stats.output_size_in_bytes,
-                       "temp": stats.temp_size_in_bytes,
-                       "alias": stats.alias_size_in_bytes}
   start = time.perf_counter()
   mine = {name: programs[w.shape](key, w, importance[name]) for name, w in params.items()}
   jax.block_until_ready(mine)
@@ -164,31 +157,61 @@ def child(args) -> dict:
     same_as_quantize &= (digest(mine[name][0]) == hashes[name]["codebook"]
                          and digest(mine[name][1]) == hashes[name]["indices"])
 
-  largest = max(memory, key=lambda s: s[0] * s[1])
-  big = memory[largest]
-  peak = big["argument"] + big["output"] + big["temp"] - big["alias"]
-  layer_shard = sum(w.size * w.dtype.itemsize + h.size * h.dtype.itemsize
-                    for w, h in zip(params.values(), importance.values())) // len(devices)
-  outputs = sum(memory[w.shape]["output"] for w in params.values())
-  layer_peak = layer_shard + outputs + max(m["temp"] for m in memory.values())
   return {
       "devices": len(devices),
       "platform": devices[0].platform,
       "shapes": {name: list(w.shape) for name, w in params.items()},
       "quantize_seconds": seconds,
       "run_seconds": run_seconds,
-      "largest_matrix": list(largest),
-      "largest_memory": big,
-      "largest_peak_bytes": peak,
-      "largest_peak_ratio": peak / big["argument"],
-      "layer_shard_bytes": layer_shard,
-      "layer_peak_bytes": layer_peak,
-      "layer_peak_ratio": layer_peak / layer_shard,
+      **peaks(params, importance, memory, len(devices)),
       "hashes": hashes,
       "lowered_equals_quantize": bool(same_as_quantize),
       "indices_spec": spec_of(q["q"].indices),
       "codebook_spec": spec_of(q["q"].codebook),
   }
+
+
+def program_memory(params, importance, sharding, granularity):
+  """quantize's own shard-local program of each matrix shape (on one device too,
+  where quantize itself takes its unsharded path), compiled: ({shape: compiled},
+  {shape: memory_analysis() bytes per device})."""
+  import jax
+
+  import gkq_jax as gkq
+
+  quantize_lib = sys.modules["gkq_jax.quantize"]
+  key = jax.random.PRNGKey(0)
+  programs, memory = {}, {}
+  for name, w in params.items():
+    if w.shape in programs:
+      continue
+    run = quantize_lib._shard_local_clusterer(sharding, w.shape, 2 ** BITS, (), None,
+                                              gkq.LeafAxes(), True, granularity)
+    compiled = run.lower(key, w, importance[name]).compile()
+    stats = compiled.memory_analysis()
+    programs[w.shape] = compiled
+    memory[w.shape] = {"argument": stats.argument_size_in_bytes,
+                       "output": stats.output_size_in_bytes,
+                       "temp": stats.temp_size_in_bytes,
+                       "alias": stats.alias_size_in_bytes}
+  return programs, memory
+
+
+def peaks(params, importance, memory, devices: int) -> dict:
+  """The largest matrix's program peak and the layer's, per device, and their ratios."""
+  import numpy as np
+
+  largest = max(memory, key=lambda s: s[0] * s[1])
+  big = memory[largest]
+  peak = big["argument"] + big["output"] + big["temp"] - big["alias"]
+  nbytes = lambda a: int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+  layer_shard = sum(nbytes(w) + nbytes(h) for w, h in zip(params.values(),
+                                                        importance.values())) // devices
+  outputs = sum(memory[w.shape]["output"] for w in params.values())
+  layer_peak = layer_shard + outputs + max(m["temp"] for m in memory.values())
+  return {"largest_matrix": list(largest), "largest_memory": big, "largest_peak_bytes": peak,
+          "largest_peak_ratio": peak / big["argument"], "layer_shard_bytes": layer_shard,
+          "layer_peak_bytes": layer_peak, "layer_peak_ratio": layer_peak / layer_shard}
 
 
 def run_child(n: int, args) -> dict:
@@ -198,6 +221,8 @@ def run_child(n: int, args) -> dict:
   env.setdefault("JAX_PLATFORMS", "cpu")
   cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--scale",
          str(args.scale), "--dtype", args.dtype, "--granularity", args.granularity]
+  if args.memory_only:
+    cmd.append("--memory-only")
   done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
   return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -258,6 +283,9 @@ def main():
   parser.add_argument("--granularity", default="channel", choices=("channel", "layer"),
                       help="a codebook per output channel (shard by shard) or per matrix "
                       "(histograms summed over the devices)")
+  parser.add_argument("--memory-only", action="store_true",
+                      help="only compile each device count's programs and print their memory "
+                      "(no arrays, no clustering: for scales too large to run here)")
   parser.add_argument("--machine", default=None, help="the machine, for --json")
   parser.add_argument("--note", default="", help="a note for --json (how it was run)")
   parser.add_argument("--json", default=None, help="write a results/*.json summary here")
@@ -276,6 +304,15 @@ def main():
         + f" ({total:,} weights, {args.dtype}; importance float32), K = {2 ** BITS} per "
         f"{'output channel' if args.granularity == 'channel' else 'matrix'}, sharded "
         f"P(None, 'model'); {os.cpu_count()} CPUs\n", flush=True)
+  if args.memory_only:
+    for n in counts:
+      r = run_child(n, args)
+      shape = "x".join(str(d) for d in r["largest_matrix"])
+      print(f"{n} device(s): {r['largest_peak_ratio']:.2f}x the largest matrix's shard "
+            f"({shape}, {mib(r['largest_peak_bytes']):.1f} MiB of "
+            f"{mib(r['largest_memory']['argument']):.1f} MiB weight + importance), layer "
+            f"{r['layer_peak_ratio']:.2f}x", flush=True)
+    return
   results = []
   for n in counts:
     start = time.perf_counter()

@@ -306,8 +306,7 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
   small_widths, small = _small_buckets(sizes, k, exact_up_to)
   rest = None
   if small and init == "dp" and objective == "l2" and method != "exact":
-    rest = jnp.asarray(np.setdiff1d(np.arange(len(sizes)), np.concatenate(
-        [np.asarray(g) for g in small])), jnp.int32)
+    rest = jnp.asarray(np.flatnonzero((sizes <= k) | (sizes > exact_up_to)), jnp.int32)
   out = _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key, arrays,
                         jnp.asarray(tiny, jnp.int32), small, rest, plan=plan, K=K, method=method,
                         init=init, objective=objective, max_iter=int(max_iter),
