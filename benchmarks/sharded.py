@@ -154,6 +154,10 @@ def child(args) -> dict:
                     "codebook_shape": list(book.shape), "indices_dtype": str(idx.dtype)}
     if args.granularity == "layer":  # 16 values a matrix: compared by value, not only hash
       hashes[name]["values"] = np.asarray(book, np.float64).reshape(-1).tolist()
+      # and by the weighted SSE they give (the measurement gathers; quantize did not)
+      x = np.asarray(params[name], np.float64)
+      err = x - np.asarray(book, np.float64).reshape(-1)[np.asarray(idx)]
+      hashes[name]["sse"] = float(np.sum(np.asarray(importance[name], np.float64) * err * err))
     same_as_quantize &= (digest(mine[name][0]) == hashes[name]["codebook"]
                          and digest(mine[name][1]) == hashes[name]["indices"])
 
@@ -251,7 +255,9 @@ def table_rows(results: list[dict]) -> list[list]:
       same_idx = sum(r["hashes"][k]["indices"] == reference[k]["indices"] for k in reference)
       drift = max(max(abs(a - b) for a, b in zip(r["hashes"][k]["values"],
                                                   reference[k]["values"])) for k in reference)
-      same += f"; indices {same_idx}/{len(reference)}, codebooks within {drift:.1e}"
+      ratio = max(r["hashes"][k]["sse"] / reference[k]["sse"] for k in reference)
+      same += (f"; indices {same_idx}/{len(reference)}, codebooks within {drift:.1e}, "
+               f"weighted SSE at most {ratio:.6f}x")
     rows.append([r["devices"], round(r["quantize_seconds"], 1), round(r["run_seconds"], 1),
                  round(mib(r["largest_memory"]["argument"]), 2),
                  round(mib(r["largest_peak_bytes"]), 2), round(r["largest_peak_ratio"], 2),
