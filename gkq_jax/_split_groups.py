@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gkq_jax import _distinct, _inits, _layout, kmeans1d
 from gkq_jax._clustering import Clustering
@@ -61,7 +60,8 @@ def takes_exact_dp(group_size: int, options) -> bool:
   """Whether one device would start a group of this size from its exact DP
   over the sorted values (:func:`gkq_jax.grouped_kmeans_1d`'s ``exact_up_to``)."""
   options = dict(options)
-  return (options.get("init", "dp") == "dp"
+  return (kmeans1d.exact_start(options.get("init", "dp"), options.get("objective", "l2"),
+                               options.get("method", "hist"))
           and group_size <= options.get("exact_up_to", kmeans1d.EXACT_UP_TO))
 
 
@@ -76,7 +76,7 @@ def split_grouped_kmeans_1d(values, importance, local_sizes, global_sizes, num_c
   ``exact_up_to`` / ``exact_max_points`` are accepted and unused (no exact DP
   over values split across devices)."""
   del exact_up_to, exact_max_points
-  k = np.broadcast_to(np.asarray(num_clusters, np.int64), (len(local_sizes),))
+  k = kmeans1d._cluster_counts(num_clusters, len(local_sizes))
   K = int(k.max())
   bins = kmeans1d._round_bins(bins) if bins else _layout.default_bins(max(global_sizes), K)
   with jax.ensure_compile_time_eval():

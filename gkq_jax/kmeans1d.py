@@ -48,9 +48,8 @@ MIN_BINS = 16
                      "exact_bins", "refine_iters", "exact_max_points", "small_widths",
                      "axis_name"))
 def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, rest=None, *, plan, K, method, init,
-                    objective,
-                    max_iter, tol, exact_bins, refine_iters, exact_max_points, small_widths,
-                    axis_name=None):
+                    objective, max_iter, tol, exact_bins, refine_iters, exact_max_points,
+                    small_widths, axis_name=None):
   # axis_name: inside shard_map, every group's values are split over the devices of
   # that mesh axis; their stats, histograms and Lloyd sums are summed across them.
   lo, hi, mass = _rows.group_stats(plan, arrays, x, h, axis_name)
@@ -79,9 +78,8 @@ def _grouped_kmeans(x, h, k_active, key, arrays, tiny, small, rest=None, *, plan
       if rest.shape[0]:
         c = c.at[rest].set(_start_some(init, method, inputs, active, rest, plan.max_bins,
                                        max_iter, tol))
-  if init == "dp" and objective == "l2" and method != "exact":  # the DP start, exact here
-    for width, groups in zip(small_widths, small):
-      c = _exact_small(c, x, h, frame, arrays, groups, width, k_active, K)
+  for width, groups in zip(small_widths, small):  # the DP start, exact here
+    c = _exact_small(c, x, h, frame, arrays, groups, width, k_active, K)
   c = _exact_small_groups(c, x, frame, arrays, tiny, active)
 
   lloyd_iters = max_iter if method == "lloyd" else refine_iters
@@ -142,6 +140,11 @@ def _exact_small(c, x, h, frame, arrays, small, width, k_active, K):
   active = jnp.arange(K)[None, :] < k_active[small][:, None]
   start = jnp.where(active, _inits.fill_empty(start), jnp.inf)
   return c.at[small].set(jax.lax.cummax(start, axis=1))
+
+
+def exact_start(init: str, objective: str, method: str) -> bool:
+  """Whether groups of at most ``exact_up_to`` values start from their exact DP."""
+  return init == "dp" and objective == "l2" and method != "exact"
 
 
 def _small_buckets(sizes: np.ndarray, k: np.ndarray, exact_up_to: int):
@@ -303,9 +306,11 @@ def grouped_kmeans_1d(values, importance, group_sizes: Sequence[int], num_cluste
     seg = hist_lib.group_ids(group_sizes)
   sizes = np.asarray(group_sizes)
   tiny = np.flatnonzero(sizes <= k)
+  if not exact_start(init, objective, method):
+    exact_up_to = 0
   small_widths, small = _small_buckets(sizes, k, exact_up_to)
-  rest = None
-  if small and init == "dp" and objective == "l2" and method != "exact":
+  rest = None  # the groups that need a histogram start: all but the small ones
+  if small:
     rest = jnp.asarray(np.flatnonzero((sizes <= k) | (sizes > exact_up_to)), jnp.int32)
   out = _grouped_kmeans(values, importance, jnp.asarray(k, jnp.int32), key, arrays,
                         jnp.asarray(tiny, jnp.int32), small, rest, plan=plan, K=K, method=method,

@@ -112,14 +112,9 @@ def own_part(x, spec):
   """Inside shard_map: this device's part of a whole array ``x`` split by ``spec``."""
   for axis, names in enumerate(spec):
     if names is not None:
-      size = x.shape[axis] // axis_size_in_map(names)
+      size = x.shape[axis] // jax.lax.axis_size(names)
       x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(names) * size, size, axis)
   return x
-
-
-def axis_size_in_map(names) -> int:
-  """Inside shard_map: the number of devices along mesh axis (or axes) ``names``."""
-  return jax.lax.psum(1, names)
 
 
 def shard_local(fn: Callable, sharding: NamedSharding, in_specs, out_specs, *,
