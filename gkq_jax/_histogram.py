@@ -86,9 +86,8 @@ def segmented_cumsum(values, first_tile):
   return (within + (running - totals)[:, None]).reshape(-1)
 
 
-def make_histogram(flat, base, bins, half_range, first_tile):
-  """The Histogram of a filled (total_bins, 2) buffer of (mass, moment)."""
-  weight, moment = flat[:, 0], flat[:, 1]
+def make_histogram(weight, moment, base, bins, half_range, first_tile):
+  """The Histogram of filled (total_bins,) buffers of mass and moment."""
   square = jnp.where(weight > 0, moment * moment / jnp.where(weight > 0, weight, 1.0), 0.0)
   cum = lambda v: segmented_cumsum(v, first_tile)
   return Histogram(weight, moment, cum(weight), cum(moment), cum(square), base, bins, half_range,

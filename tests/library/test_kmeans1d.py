@@ -357,3 +357,57 @@ def test_every_group_is_within_one_percent_of_its_optimum():
 def test_exact_up_to_is_checked():
   with pytest.raises(ValueError, match="exact_up_to"):
     gkq.grouped_kmeans_1d(np.zeros(8, np.float32), None, [8], 2, exact_up_to=-1)
+
+
+@pytest.mark.parametrize("objective", ["l2", "l1"])
+def test_companded_grid_matches_its_sort_and_search_definition(objective):
+  # The DP start's grid is built by counting and merging (no sort, no binary
+  # search); it must equal its definition: 0, the first bin whose companded
+  # running sum reaches q / (half + 1) of the total (+1), and the even
+  # positions q * bins // half, sorted. Groups of every resolution, an empty
+  # one (zero total), and a histogram holding some groups only (take).
+  from gkq_jax import _histogram as hist_lib
+  from gkq_jax import _inits, _layout
+  rng = np.random.default_rng(3)
+  sizes = (40, 300, 1000, 5000, 64)
+  k = 8
+  _, arrays = _layout.make(sizes, k)
+  weight = rng.standard_t(2, int(arrays.bins.sum())).astype(np.float32) ** 2
+  base, bins = np.asarray(arrays.hist_base), np.asarray(arrays.bins)
+  weight[base[4]:base[4] + bins[4]] = 0.0  # no mass at all
+  # Equal bins: running sums land on the targets up to rounding (ties either way).
+  weight[base[2]:base[2] + bins[2]] = 0.3
+  weight[base[1]:base[1] + bins[1]] = 1 / 3
+  zeros = jnp.zeros_like(weight)
+  hist = hist_lib.make_histogram(jnp.asarray(weight), zeros, arrays.hist_base, arrays.bins,
+                                 jnp.ones(len(sizes)), arrays.first_tile)
+  coarse, levels = _inits.dp_resolutions(k, int(bins.max()))
+  final = coarse * 2 ** levels
+  for groups in (np.arange(len(sizes)), np.array([3, 1, 4])):
+    part = hist.take(jnp.asarray(groups))
+    own_final = jnp.maximum(coarse, jnp.minimum(final, part.bins))
+    grid = np.asarray(_inits._companded_grid(part, own_final, final, objective, int(bins.max())))
+    cum = np.asarray(hist_lib.segmented_cumsum(
+        jnp.maximum(hist.weight, 0.0) ** (1 / 3 if objective == "l2" else 1 / 2),
+        hist.first_tile))
+    for row, g in enumerate(groups):
+      B, half = int(bins[g]), int(own_final[row]) // 2
+      own = cum[base[g]:base[g] + B]
+      q = np.arange(1, final // 2 + 1)
+      target = q.astype(np.float32) / np.float32(half + 1) * own[-1]
+      first = np.minimum(np.searchsorted(own[:-1], target, side="left"), B - 1) + 1
+      companded = np.where(q <= half, np.minimum(first, B), B)
+      even = np.where(q <= half, q * B // max(half, 1), B)
+      want = np.sort(np.concatenate([[0], companded, even]))
+      np.testing.assert_array_equal(grid[row], want, err_msg=f"group {g}")
+
+
+def test_targets_reached_corrects_a_guess_one_off():
+  from gkq_jax import _inits
+  rng = np.random.default_rng(0)
+  c = jnp.asarray(np.cumsum(rng.random(300, dtype=np.float32)))
+  t, hh = c[-1], 100
+  truth = ((jnp.arange(1, hh + 1) / (hh + 1) * t)[None, :] <= c[:, None]).sum(1)
+  for off in (-1, 0, 1):
+    guess = jnp.clip(truth + off, 0, hh)
+    np.testing.assert_array_equal(_inits.targets_reached(guess, c, t, hh), truth)
