@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import _summary  # noqa: E402
 
 import gkq_jax as gkq  # noqa: E402
+from gkq_jax import _inits as gkq_inits  # noqa: E402
 from gkq_jax import exact1d  # noqa: E402
 
 SIZES = (40, 64, 128, 144, 147, 256, 300, 576, 1152, 2304, 4608)
@@ -61,9 +62,15 @@ def main():
   parser.add_argument("--groups", type=int, default=64)
   parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
   parser.add_argument("--json", help="write a results summary here")
+  parser.add_argument("--coarse-per-cluster", type=int,
+                      default=gkq_inits.COARSE_PER_CLUSTER,
+                      help="grid positions per cluster of the DP start's full DP (the "
+                           "library's default; fewer are faster, an experiment)")
   args = parser.parse_args()
+  gkq_inits.COARSE_PER_CLUSTER = args.coarse_per_cluster
   rows = []
   start = time.time()
+  print(f"DP start's full DP: {args.coarse_per_cluster} grid positions per cluster", flush=True)
   for k in [int(v) for v in args.ks.split(",")]:
     for n in [int(v) for v in args.sizes.split(",")]:
       r = []
