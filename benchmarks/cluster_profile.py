@@ -66,8 +66,7 @@ def phases(x, h, sizes, k, repeats):
   coarse, levels = _inits.dp_resolutions(k, plan.max_bins)
   final = coarse * 2 ** levels
   own_final = jnp.maximum(coarse, jnp.minimum(final, hist.bins))
-  grid_fn = jax.jit(lambda hist: _inits._companded_grid(hist, own_final, final, "l2",
-                                                          plan.max_bins))
+  grid_fn = jax.jit(lambda hist: _inits._companded_grid(hist, own_final, final, "l2"))
   grid = grid_fn(hist)
   k_active = jnp.full((len(sizes),), k, jnp.int32)
   dp = lambda lv: jax.jit(lambda hist, grid: _inits.partition(hist, grid, k_active, k, coarse,

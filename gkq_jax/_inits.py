@@ -258,7 +258,7 @@ def _refined_bounds(t, sums_at, M, k_active, w):
   return jnp.take_along_axis(cand, picks[:, None], axis=1)[:, 0]
 
 
-def _companded_grid(hist, own_final, final: int, objective: str, max_bins: int):
+def _companded_grid(hist, own_final, final: int, objective: str):
   """(G, final + 1) fine-bin positions 0..B: group g's first own_final[g] + 1
   are its grid (the rest repeat B), half at equal steps of its companded mass
   (bin weight^(1/3), ^(1/2) for l1), half evenly spaced.
@@ -276,9 +276,12 @@ def _companded_grid(hist, own_final, final: int, objective: str, max_bins: int):
   q = jnp.arange(1, final // 2 + 1)[None, :]
   bins = hist.bins[:, None]
   # The first bin whose running sum reaches the target q / (half + 1) x total
-  # is the number of bins below it (the running sum is non-decreasing): a
-  # count of bins by the targets they reach, one pass over the bins.
-  below = _bins_below_targets(cum, total, own_final // 2, hist, final // 2)
+  # is the number of bins below it where the running sum is non-decreasing: a
+  # count of bins by the targets they reach, one pass over the bins. (Each
+  # tile's sums are separate dot products, so an empty bin can sit an ulp
+  # below the one before it; a target falling exactly there may then move its
+  # boundary by a bin against a binary search. Not seen on any data here.)
+  below = _bins_below_targets(cum, total, half[:, 0], hist, final // 2)
   companded = jnp.minimum(below, bins - 1) + 1
   companded = jnp.where(q <= half, jnp.minimum(companded, bins), bins)
   return _merge_even(companded, half, bins)
@@ -396,7 +399,7 @@ def dp(s: InitInputs):
   # The group's own resolution: its bins (a power of two below the 16,384 cap),
   # not the largest group's.
   own_final = jnp.maximum(coarse, jnp.minimum(final, s.hist.bins))
-  grid = _companded_grid(s.hist, own_final, final, s.objective, s.max_bins)
+  grid = _companded_grid(s.hist, own_final, final, s.objective)
   return fill_empty(partition(s.hist, grid, s.k_active, s.K, coarse, levels, own_final))
 
 

@@ -386,7 +386,7 @@ def test_companded_grid_matches_its_sort_and_search_definition(objective):
   for groups in (np.arange(len(sizes)), np.array([3, 1, 4])):
     part = hist.take(jnp.asarray(groups))
     own_final = jnp.maximum(coarse, jnp.minimum(final, part.bins))
-    grid = np.asarray(_inits._companded_grid(part, own_final, final, objective, int(bins.max())))
+    grid = np.asarray(_inits._companded_grid(part, own_final, final, objective))
     cum = np.asarray(hist_lib.segmented_cumsum(
         jnp.maximum(hist.weight, 0.0) ** (1 / 3 if objective == "l2" else 1 / 2),
         hist.first_tile))
